@@ -1,0 +1,317 @@
+"""The Chorus engine: runs each request's denoising loop and reuses the work of earlier, similar requests.
+
+A request is looked up in the cache by its prompt embedding among entries with the same generation signature.
+An exact repeat (same prompt, signature and seed) returns the stored result with no denoising. Otherwise the
+planner turns the best match's similarity into a stage plan; on a hit the loop starts from the source's latent
+after k1 steps and computes the rest. Every finished request is stored for the requests after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .cache import (
+    CacheEntry,
+    DiskStore,
+    EntryMeta,
+    GenerationSignature,
+    MemoryStore,
+    RequestCache,
+    make_policy,
+    new_entry_id,
+)
+from .embed import Embedder, make_embedder
+from .models import FlowVideoDiTAdapter, load_adapter
+from .planner import Planner, PlannerConfig, StagePlan
+from .report import GenerationReport
+
+log = logging.getLogger(__name__)
+
+CACHE_POLICIES = ("reuse", "refresh", "off")  # read+write; write only (compute in full); neither
+MAX_PROMPT_CHARS = 2000
+
+
+@dataclass
+class GenerationResult:
+    frames: np.ndarray  # [F, H, W, 3] float32 in [0, 1]
+    report: GenerationReport
+
+
+class ChorusEngine:
+    def __init__(
+        self,
+        adapter: FlowVideoDiTAdapter,
+        cache: RequestCache | None = None,
+        embedder: Embedder | None = None,
+        planner: Planner | None = None,
+        cache_dtype: torch.dtype = torch.float16,
+    ):
+        self.adapter = adapter
+        self.cache = cache
+        self.embedder = embedder or (make_embedder("minilm") if cache is not None else None)
+        self.planner = planner or Planner()
+        self.cache_dtype = cache_dtype
+        self._calls = 0
+        adapter.transformer.register_forward_pre_hook(self._count_call)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path = "builtin",
+        *,
+        cache_dir: str | Path | None = None,
+        use_cache: bool = True,
+        cache_bytes: int = 4 << 30,
+        eviction: str = "benefit",
+        embedder: str = "minilm",
+        planner: PlannerConfig | None = None,
+        cache_dtype: torch.dtype = torch.float16,
+        device: str = "cpu",
+    ) -> ChorusEngine:
+        """An engine for a model name or directory; a disk cache under `cache_dir`, else an in-memory one."""
+        adapter = load_adapter(model, device=device)
+        cache = None
+        if use_cache:
+            policy = make_policy(eviction)
+            store = (
+                DiskStore(cache_dir, cache_bytes, policy)
+                if cache_dir is not None
+                else MemoryStore(cache_bytes, policy)
+            )
+            emb = make_embedder(embedder, adapter)
+            cache = RequestCache(store, emb.dim)
+            return cls(adapter, cache, emb, Planner(planner), cache_dtype)
+        return cls(adapter, None, None, Planner(planner), cache_dtype)
+
+    def _count_call(self, module, args):
+        self._calls += 1
+
+    # ---- the request path -------------------------------------------------------------------------------
+
+    def signature(
+        self, height, width, num_frames, num_steps, guidance_scale, negative_prompt
+    ) -> GenerationSignature:
+        return GenerationSignature(
+            **self.adapter.identity(),
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            num_inference_steps=num_steps,
+            guidance_scale=float(guidance_scale),
+            negative_prompt=negative_prompt if guidance_scale > 1.0 else "",
+            max_sequence_length=self.adapter.defaults.max_sequence_length,
+        )
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str | None = None,
+        seed: int = 0,
+        num_inference_steps: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        guidance_scale: float | None = None,
+        cache_policy: str = "reuse",
+        progress: bool = False,
+        request_id: str | None = None,
+    ) -> GenerationResult:
+        """Generate one video; the arguments mirror `WanPipeline.__call__`. Bad arguments raise ValueError
+        before anything is computed or stored."""
+        d = self.adapter.defaults
+        steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
+        height, width = height or d.height, width or d.width
+        num_frames = num_frames or d.num_frames
+        guidance = d.guidance_scale if guidance_scale is None else float(guidance_scale)
+        negative = d.negative_prompt if negative_prompt is None else negative_prompt
+        _validate(prompt, seed, steps, guidance, cache_policy)
+        self.adapter.check_size(height, width, num_frames)
+        with self._lock:
+            return self._generate(
+                prompt,
+                negative,
+                seed,
+                steps,
+                height,
+                width,
+                num_frames,
+                guidance,
+                cache_policy,
+                progress,
+                request_id,
+            )
+
+    def _generate(
+        self,
+        prompt,
+        negative,
+        seed,
+        steps,
+        height,
+        width,
+        num_frames,
+        guidance,
+        cache_policy,
+        progress,
+        request_id,
+    ) -> GenerationResult:
+        t_start = time.perf_counter()
+        calls_before = self._calls
+        signature = self.signature(height, width, num_frames, steps, guidance, negative)
+        key = signature.key()
+        report = GenerationReport(
+            request_id=request_id or new_entry_id(),
+            prompt=prompt,
+            seed=seed,
+            signature_key=key,
+            outcome="off" if self.cache is None or cache_policy == "off" else "miss",
+            num_steps=steps,
+        )
+        seconds = report.seconds
+        reading = report.outcome != "off" and cache_policy == "reuse"
+        writing = report.outcome != "off"
+
+        with _timed(seconds, "retrieval"):
+            exact_id = self.cache.exact(key, prompt, seed) if reading else None
+            exact = self.cache.load(exact_id) if exact_id else None
+        if exact is not None:
+            return self._serve_exact(exact, report, t_start)
+
+        with _timed(seconds, "retrieval"):
+            embedding = self.embedder.embed([prompt])[0] if writing else None
+            plan, source = self._plan(key, embedding, steps) if reading else (StagePlan(steps), None)
+
+        with _timed(seconds, "encode"):
+            embeds = self.adapter.encode_prompt(
+                prompt, negative, guidance, self.adapter.defaults.max_sequence_length
+            )
+            latents = self.adapter.initial_latents(height, width, num_frames, seed)
+        trajectory = [latents[0].to(self.cache_dtype)]  # boundary latents, batch dimension dropped
+        if source is not None:
+            # Stage 1: skip the first k1 steps by continuing from where the source stood after them.
+            trajectory = list(source.trajectory[: plan.k1 + 1])
+            latents = source.trajectory[plan.k1][None].to(latents.device, torch.float32)
+
+        latents = self._denoise(latents, embeds, guidance, plan, trajectory, seconds, progress)
+
+        with _timed(seconds, "decode"):
+            frames = self.adapter.decode(latents).numpy()
+
+        report.k1, report.k2 = plan.k1, plan.k2
+        report.steps_reused, report.steps_computed = plan.k1, steps - plan.k1
+        report.transformer_calls = self._calls - calls_before
+        computing = sum(seconds.get(s, 0.0) for s in ("stage2", "stage3"))
+        if source is not None:
+            report.outcome, report.similarity = "hit", plan.similarity
+            report.source_id, report.source_prompt = source.meta.entry_id, source.meta.prompt
+            report.seconds_saved_estimate = computing / max(report.steps_computed, 1) * plan.k1
+            self.cache.record_hit(source.meta.entry_id, plan.k1)
+        elif plan.similarity is not None:
+            report.similarity = plan.similarity
+        if writing:
+            report.stored = self._store(report, signature, prompt, seed, embedding, trajectory, latents)
+        report.total_seconds = time.perf_counter() - t_start
+        log.info("generation %s", report.to_dict())
+        return GenerationResult(frames, report)
+
+    def _plan(self, key: str, embedding: np.ndarray, steps: int) -> tuple[StagePlan, CacheEntry | None]:
+        match = self.cache.nearest(key, embedding)
+        if match is None:
+            return StagePlan(steps), None
+        plan = self.planner.plan(match.similarity, steps, match.entry_id)
+        if not plan.is_hit:
+            return plan, None
+        source = self.cache.load(match.entry_id)
+        if source is None:  # evicted or unreadable since the search: a miss
+            return StagePlan(steps, similarity=match.similarity), None
+        return plan, source
+
+    def _denoise(
+        self, latents, embeds, guidance, plan: StagePlan, trajectory, seconds, progress
+    ) -> torch.Tensor:
+        scheduler = self.adapter.new_scheduler()
+        scheduler.set_timesteps(plan.num_steps, device=self.adapter.device)
+        scheduler.set_begin_index(plan.k1)
+        timesteps = scheduler.timesteps
+        bar = tqdm(total=plan.num_steps, initial=plan.k1, desc="denoising", disable=not progress, leave=False)
+        for i in range(plan.k1, plan.num_steps):
+            t = timesteps[i]
+            with _timed(seconds, plan.stage_of(i)):
+                noise = self.adapter.predict(
+                    latents,
+                    t,
+                    embeds,
+                    guidance,
+                    step_index=i,
+                    sigma=float(scheduler.sigmas[i]),
+                    num_steps=len(timesteps),
+                )
+                latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+            trajectory.append(latents[0].to(self.cache_dtype))
+            bar.update()
+        bar.close()
+        return latents
+
+    def _serve_exact(self, entry: CacheEntry, report: GenerationReport, t_start: float) -> GenerationResult:
+        with _timed(report.seconds, "decode"):
+            frames = self.adapter.decode(entry.final_latent.to(self.adapter.device)).numpy()
+        report.outcome, report.similarity = "exact", 1.0
+        report.source_id, report.source_prompt = entry.meta.entry_id, entry.meta.prompt
+        report.k1 = report.k2 = report.steps_reused = report.num_steps
+        self.cache.record_hit(entry.meta.entry_id, report.num_steps)
+        report.total_seconds = time.perf_counter() - t_start
+        log.info("generation %s", report.to_dict())
+        return GenerationResult(frames, report)
+
+    def _store(self, report, signature, prompt, seed, embedding, trajectory, final_latent) -> bool:
+        meta = EntryMeta(
+            entry_id=report.request_id,
+            signature_key=report.signature_key,
+            prompt=prompt,
+            seed=seed,
+            embedding=np.asarray(embedding, dtype=np.float32),
+            nbytes=0,
+        )
+        entry = CacheEntry(
+            meta=meta,
+            signature=signature,
+            trajectory=torch.stack([t.cpu() for t in trajectory]),
+            final_latent=final_latent.detach().float().cpu(),
+        )
+        self.cache.insert(entry)
+        return report.request_id in self.cache.store
+
+
+def _validate(prompt, seed, steps, guidance, cache_policy) -> None:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("prompt: must be a non-empty string")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"prompt: {len(prompt)} characters, at most {MAX_PROMPT_CHARS}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed={seed!r}: must be an integer in [0, 2**63)")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"num_inference_steps={steps!r}: must be an integer >= 1")
+    if not np.isfinite(guidance) or guidance < 0:
+        raise ValueError(f"guidance_scale={guidance!r}: must be a finite number >= 0")
+    if cache_policy not in CACHE_POLICIES:
+        raise ValueError(f"cache_policy={cache_policy!r}: expected one of {CACHE_POLICIES}")
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], phase: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - start

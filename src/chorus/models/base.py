@@ -1,0 +1,197 @@
+"""The model adapter: everything the engine needs from a flow-matching video DiT, and nothing more.
+
+The engine owns the denoising loop; an adapter supplies its parts (prompt encoding, initial latents, one
+transformer prediction, one scheduler step, decoding). The same adapter serves diffusers Wan-family pipelines and
+the built-in pixel-space model: they differ only in their text encoder and their codec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+from diffusers.utils.torch_utils import randn_tensor
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """Generation settings used when a request does not give its own."""
+
+    height: int
+    width: int
+    num_frames: int
+    num_inference_steps: int
+    guidance_scale: float
+    negative_prompt: str = ""
+    max_sequence_length: int = 512
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning for one request: [1, T, C] hidden states, plus the negative ones under CFG."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor | None
+    tokens: list[str] = field(default_factory=list)  # the encoder's tokens of the cleaned prompt, in order
+
+
+class FlowVideoDiTAdapter:
+    """A Wan-architecture video DiT with its text encoder, flow-matching scheduler and codec."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        transformer,
+        scheduler,
+        tokenizer,
+        text_encoder,
+        codec,
+        defaults: ModelDefaults,
+        device: str | torch.device = "cpu",
+    ):
+        self.name = name
+        self.transformer = transformer.eval()
+        self.scheduler_config = scheduler.config
+        self.scheduler_class = type(scheduler)
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder.eval()
+        self.codec = codec
+        self.defaults = defaults
+        self.device = torch.device(device)
+
+    # ---- description ------------------------------------------------------------------------------------
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        return tuple(self.transformer.config.patch_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    def identity(self) -> dict:
+        """What makes two adapters produce the same latents: part of every cache signature."""
+        blob = json.dumps(
+            {"transformer": dict(self.transformer.config), "codec": type(self.codec).__name__},
+            sort_keys=True,
+            default=str,
+        )
+        return {
+            "model": self.name,
+            "model_config": hashlib.sha256(blob.encode()).hexdigest()[:16],
+            "scheduler": self.scheduler_class.__name__,
+            "scheduler_config": hashlib.sha256(
+                json.dumps(dict(self.scheduler_config), sort_keys=True, default=str).encode()
+            ).hexdigest()[:16],
+        }
+
+    def check_size(self, height: int, width: int, num_frames: int) -> None:
+        """Refuse sizes the model cannot take (WanPipeline would silently round them)."""
+        multiple = self.codec.scale_spatial * self.patch_size[1]
+        for label, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % multiple:
+                raise ValueError(
+                    f"{label}={value!r}: must be a positive multiple of {multiple} for {self.name}"
+                )
+        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % self.codec.scale_temporal:
+            raise ValueError(
+                f"num_frames={num_frames!r}: must be 1 + a multiple of {self.codec.scale_temporal} for {self.name}"
+            )
+
+    def latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, ...]:
+        s = self.codec.scale_spatial
+        return (
+            1,
+            self.transformer.config.in_channels,
+            self.codec.latent_frames(num_frames),
+            height // s,
+            width // s,
+        )
+
+    # ---- the parts of a denoising loop ------------------------------------------------------------------
+
+    def new_scheduler(self):
+        """A fresh scheduler per request: schedulers carry per-run state (step index, multistep history)."""
+        return self.scheduler_class.from_config(self.scheduler_config)
+
+    def tokens(self, prompt: str) -> list[str]:
+        ids = self.tokenizer(prompt_clean(prompt), add_special_tokens=True)["input_ids"]
+        return self.tokenizer.convert_ids_to_tokens(ids)
+
+    @torch.no_grad()
+    def _encode(self, prompt: str, max_sequence_length: int) -> torch.Tensor:
+        # WanPipeline._get_t5_prompt_embeds: encode padded, cut each row to its length, zero-pad back.
+        inputs = self.tokenizer(
+            [prompt_clean(prompt)],
+            padding="max_length",
+            max_length=max_sequence_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        ids, mask = inputs.input_ids, inputs.attention_mask
+        length = int(mask.gt(0).sum())
+        hidden = self.text_encoder(ids.to(self.device), mask.to(self.device)).last_hidden_state[0, :length]
+        padded = torch.cat([hidden, hidden.new_zeros(max_sequence_length - length, hidden.size(1))])
+        return padded.unsqueeze(0).to(self.dtype)
+
+    def encode_prompt(
+        self, prompt: str, negative_prompt: str | None, guidance_scale: float, max_sequence_length: int
+    ) -> PromptEmbeds:
+        cond = self._encode(prompt, max_sequence_length)
+        uncond = self._encode(negative_prompt or "", max_sequence_length) if guidance_scale > 1.0 else None
+        return PromptEmbeds(cond=cond, uncond=uncond, tokens=self.tokens(prompt))
+
+    def initial_latents(self, height: int, width: int, num_frames: int, seed: int) -> torch.Tensor:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        shape = self.latent_shape(height, width, num_frames)
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def predict(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        embeds: PromptEmbeds,
+        guidance_scale: float,
+        *,
+        step_index: int,
+        sigma: float,
+        num_steps: int,
+        attention_kwargs: dict | None = None,
+    ) -> torch.Tensor:
+        """One denoising prediction: a transformer call (two under classifier-free guidance)."""
+        model_input = latents.to(self.dtype)
+        timestep = t.expand(latents.shape[0])
+        context = {"step_index": step_index, "sigma": sigma, "num_inference_steps": num_steps}
+        with self.transformer.cache_context("cond", **context):
+            noise = self.transformer(
+                hidden_states=model_input,
+                timestep=timestep,
+                encoder_hidden_states=embeds.cond,
+                attention_kwargs=attention_kwargs,
+                return_dict=False,
+            )[0]
+        if embeds.uncond is not None:
+            with self.transformer.cache_context("uncond", **context):
+                noise_uncond = self.transformer(
+                    hidden_states=model_input,
+                    timestep=timestep,
+                    encoder_hidden_states=embeds.uncond,
+                    attention_kwargs=attention_kwargs,
+                    return_dict=False,
+                )[0]
+            noise = noise_uncond + guidance_scale * (noise - noise_uncond)
+        return noise
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents -> frames [F, H, W, 3] float32 in [0, 1] (batch of one)."""
+        return self.codec.decode(latents)[0]
+
+    def describe(self) -> dict:
+        return {**self.identity(), "defaults": asdict(self.defaults), "device": str(self.device)}

@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny, randomly initialised Wan pipeline saved as a diffusers directory (nothing downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def build_tiny_wan_pipeline(scheduler: str = "euler"):
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        UniPCMultistepScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+
+    from chorus.models.loading import load_minilm
+
+    torch.manual_seed(0)
+    tokenizer, text_encoder = load_minilm()
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=text_encoder.config.hidden_size,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    if scheduler == "euler":
+        sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    else:
+        sched = UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+        )
+    return WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=sched, transformer=transformer
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_dir(tmp_path_factory):
+    """A `WanPipeline.save_pretrained` directory of a tiny random pipeline."""
+    path = tmp_path_factory.mktemp("tiny-wan")
+    build_tiny_wan_pipeline().save_pretrained(path)
+    return path
+
+
+TINY = {"height": 16, "width": 16, "num_frames": 5}

@@ -84,9 +84,7 @@ class ChorusEngine:
         if use_cache:
             policy = make_policy(eviction)
             store = (
-                DiskStore(cache_dir, cache_bytes, policy)
-                if cache_dir is not None
-                else MemoryStore(cache_bytes, policy)
+                DiskStore(cache_dir, cache_bytes, policy) if cache_dir is not None else MemoryStore(cache_bytes, policy)
             )
             emb = make_embedder(embedder, adapter)
             cache = RequestCache(store, emb.dim)
@@ -98,9 +96,7 @@ class ChorusEngine:
 
     # ---- the request path -------------------------------------------------------------------------------
 
-    def signature(
-        self, height, width, num_frames, num_steps, guidance_scale, negative_prompt
-    ) -> GenerationSignature:
+    def signature(self, height, width, num_frames, num_steps, guidance_scale, negative_prompt) -> GenerationSignature:
         return GenerationSignature(
             **self.adapter.identity(),
             height=height,
@@ -193,9 +189,7 @@ class ChorusEngine:
             plan, source = self._plan(key, embedding, steps) if reading else (StagePlan(steps), None)
 
         with _timed(seconds, "encode"):
-            embeds = self.adapter.encode_prompt(
-                prompt, negative, guidance, self.adapter.defaults.max_sequence_length
-            )
+            embeds = self.adapter.encode_prompt(prompt, negative, guidance, self.adapter.defaults.max_sequence_length)
             latents = self.adapter.initial_latents(height, width, num_frames, seed)
         trajectory = [latents[0].to(self.cache_dtype)]  # boundary latents, batch dimension dropped
         if source is not None:
@@ -237,9 +231,7 @@ class ChorusEngine:
             return StagePlan(steps, similarity=match.similarity), None
         return plan, source
 
-    def _denoise(
-        self, latents, embeds, guidance, plan: StagePlan, trajectory, seconds, progress
-    ) -> torch.Tensor:
+    def _denoise(self, latents, embeds, guidance, plan: StagePlan, trajectory, seconds, progress) -> torch.Tensor:
         scheduler = self.adapter.new_scheduler()
         scheduler.set_timesteps(plan.num_steps, device=self.adapter.device)
         scheduler.set_begin_index(plan.k1)

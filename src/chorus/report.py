@@ -11,9 +11,7 @@ class GenerationReport:
     prompt: str
     seed: int
     signature_key: str
-    outcome: (
-        str  # "miss", "hit" (stage-1 reuse), "exact" (stored result, no denoising) or "off" (cache disabled)
-    )
+    outcome: str  # "miss", "hit" (stage-1 reuse), "exact" (stored result, no denoising) or "off" (cache disabled)
     num_steps: int
     k1: int = 0
     k2: int = 0

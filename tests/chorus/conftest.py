@@ -39,9 +39,7 @@ def build_tiny_wan_pipeline(scheduler: str = "euler"):
     if scheduler == "euler":
         sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
     else:
-        sched = UniPCMultistepScheduler(
-            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
-        )
+        sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     return WanPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=sched, transformer=transformer
     )

@@ -100,9 +100,7 @@ class CacheEntry:
         }
 
     @classmethod
-    def from_tensors(
-        cls, tensors: dict[str, torch.Tensor], header: dict[str, str], meta: EntryMeta
-    ) -> CacheEntry:
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], header: dict[str, str], meta: EntryMeta) -> CacheEntry:
         signature = GenerationSignature(**json.loads(header["signature"]))
         if header["entry_id"] != meta.entry_id or signature.key() != meta.signature_key:
             raise ValueError(f"cache entry {meta.entry_id}: file header does not match its index row")

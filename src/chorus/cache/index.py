@@ -53,7 +53,7 @@ class VectorIndex:
             if index is None or index.ntotal == 0:
                 return []
             scores, ids = index.search(vector, min(k, index.ntotal))
-            return [(self._by_int[int(i)], float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0]
+            return [(self._by_int[int(i)], float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
 
     def _check(self, embedding: np.ndarray) -> np.ndarray:
         vector = np.ascontiguousarray(embedding, dtype=np.float32).reshape(1, -1)

@@ -183,8 +183,7 @@ class DiskStore(CacheStore):
             " saved_steps FROM entries"
         ).fetchall()
         return {
-            r[0]: EntryMeta(r[0], r[1], r[2], r[3], np.frombuffer(r[4], dtype=np.float32).copy(), *r[5:])
-            for r in rows
+            r[0]: EntryMeta(r[0], r[1], r[2], r[3], np.frombuffer(r[4], dtype=np.float32).copy(), *r[5:]) for r in rows
         }
 
     def _recover(self) -> None:

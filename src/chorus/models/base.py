@@ -94,9 +94,7 @@ class FlowVideoDiTAdapter:
         multiple = self.codec.scale_spatial * self.patch_size[1]
         for label, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value <= 0 or value % multiple:
-                raise ValueError(
-                    f"{label}={value!r}: must be a positive multiple of {multiple} for {self.name}"
-                )
+                raise ValueError(f"{label}={value!r}: must be a positive multiple of {multiple} for {self.name}")
         if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % self.codec.scale_temporal:
             raise ValueError(
                 f"num_frames={num_frames!r}: must be 1 + a multiple of {self.codec.scale_temporal} for {self.name}"

@@ -29,9 +29,7 @@ class WanVAECodec:
         cfg = self.vae.config
         latents = latents.to(self.vae.device, dtype=self.vae.dtype)
         mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(
-            latents.device, latents.dtype
-        )
+        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
         video = self.vae.decode(latents / inv_std + mean, return_dict=False)[0]
         video = self.video_processor.postprocess_video(video, output_type="pt")  # [B, F, 3, H, W]
         return video.permute(0, 1, 3, 4, 2).float().cpu()

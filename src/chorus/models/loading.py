@@ -96,9 +96,7 @@ def _load_wan_pipeline(path: Path, device: str, dtype: torch.dtype) -> FlowVideo
 def adapter_from_wan_pipeline(pipe, *, name: str, device: str = "cpu", defaults: ModelDefaults | None = None):
     """Wrap the components of a loaded `WanPipeline` (Wan 2.1-style: one transformer, no expand_timesteps)."""
     if getattr(pipe, "transformer_2", None) is not None or pipe.config.get("expand_timesteps", False):
-        raise ModelNotFoundError(
-            f"{name}: two-transformer (Wan 2.2) and expand_timesteps pipelines are not supported"
-        )
+        raise ModelNotFoundError(f"{name}: two-transformer (Wan 2.2) and expand_timesteps pipelines are not supported")
     return FlowVideoDiTAdapter(
         name=name,
         transformer=pipe.transformer,

@@ -127,8 +127,9 @@ class ChorusEngine:
         before anything is computed or stored."""
         d = self.adapter.defaults
         steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
-        height, width = height or d.height, width or d.width
-        num_frames = num_frames or d.num_frames
+        height = d.height if height is None else height
+        width = d.width if width is None else width
+        num_frames = d.num_frames if num_frames is None else num_frames
         guidance = d.guidance_scale if guidance_scale is None else float(guidance_scale)
         negative = d.negative_prompt if negative_prompt is None else negative_prompt
         _validate(prompt, seed, steps, guidance, cache_policy)
@@ -216,7 +217,7 @@ class ChorusEngine:
         if writing:
             report.stored = self._store(report, signature, prompt, seed, embedding, trajectory, latents)
         report.total_seconds = time.perf_counter() - t_start
-        log.info("generation %s", report.to_dict())
+        log.info("generation done", extra={"report": report.to_dict()})
         return GenerationResult(frames, report)
 
     def _plan(self, key: str, embedding: np.ndarray, steps: int) -> tuple[StagePlan, CacheEntry | None]:
@@ -263,7 +264,7 @@ class ChorusEngine:
         report.k1 = report.k2 = report.steps_reused = report.num_steps
         self.cache.record_hit(entry.meta.entry_id, report.num_steps)
         report.total_seconds = time.perf_counter() - t_start
-        log.info("generation %s", report.to_dict())
+        log.info("generation done", extra={"report": report.to_dict()})
         return GenerationResult(frames, report)
 
     def _store(self, report, signature, prompt, seed, embedding, trajectory, final_latent) -> bool:

@@ -54,3 +54,31 @@ def tiny_wan_dir(tmp_path_factory):
 
 
 TINY = {"height": 16, "width": 16, "num_frames": 5}
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from chorus.embed import SentenceTransformerEmbedder
+
+    return SentenceTransformerEmbedder()
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_wan_dir):
+    from chorus.models import load_adapter
+
+    return load_adapter(tiny_wan_dir)
+
+
+@pytest.fixture
+def make_engine(tiny_adapter, embedder):
+    """An engine over the tiny pipeline with a fresh in-memory cache (float32 cache unless asked otherwise)."""
+    from chorus.cache import MemoryStore, RequestCache
+    from chorus.engine import ChorusEngine
+    from chorus.planner import Planner, PlannerConfig
+
+    def make(planner: PlannerConfig | None = None, store=None, cache_dtype=torch.float32):
+        cache = RequestCache(store or MemoryStore(1 << 30), embedder.dim)
+        return ChorusEngine(tiny_adapter, cache, embedder, Planner(planner), cache_dtype=cache_dtype)
+
+    return make

@@ -1,0 +1,89 @@
+"""`chorus` command line: generate a video (with cache reuse), and the other subcommands as they land."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .logs import configure as configure_logging
+
+
+def _generate(args) -> int:
+    from .engine import ChorusEngine
+    from .models import ModelNotFoundError
+    from .video import check_output_path, write_video
+
+    try:
+        out = check_output_path(args.out)
+        if not args.prompt.strip():
+            raise ValueError("prompt: must be a non-empty string")
+        engine = ChorusEngine.from_pretrained(
+            args.model,
+            cache_dir=None if args.no_cache else args.cache_dir,
+            use_cache=not args.no_cache,
+            embedder=args.embedder,
+        )
+        result = engine.generate(
+            args.prompt,
+            seed=args.seed,
+            num_inference_steps=args.steps,
+            height=args.height,
+            width=args.width,
+            num_frames=args.frames,
+            guidance_scale=args.guidance,
+            negative_prompt=args.negative_prompt,
+            progress=not args.quiet,
+        )
+        write_video(result.frames, out, fps=args.fps)
+    except (ValueError, ModelNotFoundError) as exc:
+        print(f"chorus generate: error: {exc}", file=sys.stderr)
+        return 2
+    report = result.report
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        source = f" from {report.source_id} (similarity {report.similarity:.3f})" if report.hit else ""
+        print(
+            f"{out}: {report.outcome}{source}, {report.steps_computed}/{report.num_steps} steps computed, "
+            f"{report.transformer_calls} transformer calls, {report.total_seconds:.2f}s"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chorus", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each generation's report")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a video from a prompt, reusing cached similar requests")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", default="builtin", help="'builtin' or a local diffusers WanPipeline directory")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--steps", type=int, default=None, help="denoising steps (model default if omitted)")
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--frames", type=int, default=None)
+    gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--cache-dir", type=Path, default=Path(".chorus/cache"), help="persistent cache directory")
+    gen.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    gen.add_argument("--embedder", default="minilm", help="minilm, text-encoder, clip:PATH or st:PATH")
+    gen.add_argument("--out", type=Path, default=Path("out.mp4"), help=".mp4, .gif or .npy")
+    gen.add_argument("--fps", type=int, default=8)
+    gen.add_argument("--json", action="store_true", help="print the generation report as JSON")
+    gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(logging.INFO if args.verbose else logging.WARNING)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,8 +9,10 @@ after k1 steps and computes the rest. Every finished request is stored for the r
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,43 @@ log = logging.getLogger(__name__)
 
 CACHE_POLICIES = ("reuse", "refresh", "off")  # read+write; write only (compute in full); neither
 MAX_PROMPT_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation request with every default filled in."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    num_steps: int
+    height: int
+    width: int
+    num_frames: int
+    guidance_scale: float
+    cache_policy: str
+
+    def validate(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise ValueError("prompt: must be a non-empty string")
+        if len(self.prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt: {len(self.prompt)} characters, at most {MAX_PROMPT_CHARS}")
+        if not isinstance(self.negative_prompt, str) or len(self.negative_prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(f"negative_prompt: must be a string of at most {MAX_PROMPT_CHARS} characters")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed={self.seed!r}: must be an integer in [0, 2**63)")
+        if not _is_int(self.num_steps) or self.num_steps < 1:
+            raise ValueError(f"num_inference_steps={self.num_steps!r}: must be an integer >= 1")
+        if not isinstance(self.guidance_scale, int | float) or not math.isfinite(self.guidance_scale):
+            raise ValueError(f"guidance_scale={self.guidance_scale!r}: must be a finite number >= 0")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale={self.guidance_scale!r}: must be a finite number >= 0")
+        if self.cache_policy not in CACHE_POLICIES:
+            raise ValueError(f"cache_policy={self.cache_policy!r}: expected one of {CACHE_POLICIES}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -96,15 +135,15 @@ class ChorusEngine:
 
     # ---- the request path -------------------------------------------------------------------------------
 
-    def signature(self, height, width, num_frames, num_steps, guidance_scale, negative_prompt) -> GenerationSignature:
+    def signature(self, req: Request) -> GenerationSignature:
         return GenerationSignature(
             **self.adapter.identity(),
-            height=height,
-            width=width,
-            num_frames=num_frames,
-            num_inference_steps=num_steps,
-            guidance_scale=float(guidance_scale),
-            negative_prompt=negative_prompt if guidance_scale > 1.0 else "",
+            height=req.height,
+            width=req.width,
+            num_frames=req.num_frames,
+            num_inference_steps=req.num_steps,
+            guidance_scale=req.guidance_scale,
+            negative_prompt=req.negative_prompt if req.guidance_scale > 1.0 else "",
             max_sequence_length=self.adapter.defaults.max_sequence_length,
         )
 
@@ -121,84 +160,68 @@ class ChorusEngine:
         guidance_scale: float | None = None,
         cache_policy: str = "reuse",
         progress: bool = False,
+        on_step: Callable[[int, int], None] | None = None,
         request_id: str | None = None,
     ) -> GenerationResult:
         """Generate one video; the arguments mirror `WanPipeline.__call__`. Bad arguments raise ValueError
-        before anything is computed or stored."""
+        before anything is computed or stored. `on_step(done, total)` is called after every denoising step
+        (reused steps count as done at once), e.g. to report progress."""
         d = self.adapter.defaults
-        steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
-        height = d.height if height is None else height
-        width = d.width if width is None else width
-        num_frames = d.num_frames if num_frames is None else num_frames
-        guidance = d.guidance_scale if guidance_scale is None else float(guidance_scale)
-        negative = d.negative_prompt if negative_prompt is None else negative_prompt
-        _validate(prompt, seed, steps, guidance, cache_policy)
-        self.adapter.check_size(height, width, num_frames)
+        req = Request(
+            prompt=prompt,
+            negative_prompt=d.negative_prompt if negative_prompt is None else negative_prompt,
+            seed=seed,
+            num_steps=d.num_inference_steps if num_inference_steps is None else num_inference_steps,
+            height=d.height if height is None else height,
+            width=d.width if width is None else width,
+            num_frames=d.num_frames if num_frames is None else num_frames,
+            guidance_scale=d.guidance_scale if guidance_scale is None else guidance_scale,
+            cache_policy=cache_policy,
+        )
+        req.validate()
+        self.adapter.check_size(req.height, req.width, req.num_frames)
         with self._lock:
-            return self._generate(
-                prompt,
-                negative,
-                seed,
-                steps,
-                height,
-                width,
-                num_frames,
-                guidance,
-                cache_policy,
-                progress,
-                request_id,
-            )
+            return self._generate(req, progress, on_step, request_id)
 
-    def _generate(
-        self,
-        prompt,
-        negative,
-        seed,
-        steps,
-        height,
-        width,
-        num_frames,
-        guidance,
-        cache_policy,
-        progress,
-        request_id,
-    ) -> GenerationResult:
+    def _generate(self, req: Request, progress, on_step, request_id) -> GenerationResult:
         t_start = time.perf_counter()
         calls_before = self._calls
-        signature = self.signature(height, width, num_frames, steps, guidance, negative)
-        key = signature.key()
+        signature = self.signature(req)
+        key, steps = signature.key(), req.num_steps
         report = GenerationReport(
             request_id=request_id or new_entry_id(),
-            prompt=prompt,
-            seed=seed,
+            prompt=req.prompt,
+            seed=req.seed,
             signature_key=key,
-            outcome="off" if self.cache is None or cache_policy == "off" else "miss",
+            outcome="off" if self.cache is None or req.cache_policy == "off" else "miss",
             num_steps=steps,
         )
         seconds = report.seconds
-        reading = report.outcome != "off" and cache_policy == "reuse"
+        reading = report.outcome != "off" and req.cache_policy == "reuse"
         writing = report.outcome != "off"
 
         with _timed(seconds, "retrieval"):
-            exact_id = self.cache.exact(key, prompt, seed) if reading else None
+            exact_id = self.cache.exact(key, req.prompt, req.seed) if reading else None
             exact = self.cache.load(exact_id) if exact_id else None
         if exact is not None:
             return self._serve_exact(exact, report, t_start)
 
         with _timed(seconds, "retrieval"):
-            embedding = self.embedder.embed([prompt])[0] if writing else None
+            embedding = self.embedder.embed([req.prompt])[0] if writing else None
             plan, source = self._plan(key, embedding, steps) if reading else (StagePlan(steps), None)
 
         with _timed(seconds, "encode"):
-            embeds = self.adapter.encode_prompt(prompt, negative, guidance, self.adapter.defaults.max_sequence_length)
-            latents = self.adapter.initial_latents(height, width, num_frames, seed)
+            embeds = self.adapter.encode_prompt(
+                req.prompt, req.negative_prompt, req.guidance_scale, self.adapter.defaults.max_sequence_length
+            )
+            latents = self.adapter.initial_latents(req.height, req.width, req.num_frames, req.seed)
         trajectory = [latents[0].to(self.cache_dtype)]  # boundary latents, batch dimension dropped
         if source is not None:
             # Stage 1: skip the first k1 steps by continuing from where the source stood after them.
             trajectory = list(source.trajectory[: plan.k1 + 1])
             latents = source.trajectory[plan.k1][None].to(latents.device, torch.float32)
 
-        latents = self._denoise(latents, embeds, guidance, plan, trajectory, seconds, progress)
+        latents = self._denoise(latents, embeds, req.guidance_scale, plan, trajectory, seconds, progress, on_step)
 
         with _timed(seconds, "decode"):
             frames = self.adapter.decode(latents).numpy()
@@ -215,7 +238,7 @@ class ChorusEngine:
         elif plan.similarity is not None:
             report.similarity = plan.similarity
         if writing:
-            report.stored = self._store(report, signature, prompt, seed, embedding, trajectory, latents)
+            report.stored = self._store(report, signature, req, embedding, trajectory, latents)
         report.total_seconds = time.perf_counter() - t_start
         log.info("generation done", extra={"report": report.to_dict()})
         return GenerationResult(frames, report)
@@ -232,7 +255,9 @@ class ChorusEngine:
             return StagePlan(steps, similarity=match.similarity), None
         return plan, source
 
-    def _denoise(self, latents, embeds, guidance, plan: StagePlan, trajectory, seconds, progress) -> torch.Tensor:
+    def _denoise(
+        self, latents, embeds, guidance, plan: StagePlan, trajectory, seconds, progress, on_step
+    ) -> torch.Tensor:
         scheduler = self.adapter.new_scheduler()
         scheduler.set_timesteps(plan.num_steps, device=self.adapter.device)
         scheduler.set_begin_index(plan.k1)
@@ -253,6 +278,8 @@ class ChorusEngine:
                 latents = scheduler.step(noise, t, latents, return_dict=False)[0]
             trajectory.append(latents[0].to(self.cache_dtype))
             bar.update()
+            if on_step is not None:
+                on_step(i + 1, plan.num_steps)
         bar.close()
         return latents
 
@@ -267,12 +294,12 @@ class ChorusEngine:
         log.info("generation done", extra={"report": report.to_dict()})
         return GenerationResult(frames, report)
 
-    def _store(self, report, signature, prompt, seed, embedding, trajectory, final_latent) -> bool:
+    def _store(self, report, signature, req: Request, embedding, trajectory, final_latent) -> bool:
         meta = EntryMeta(
             entry_id=report.request_id,
             signature_key=report.signature_key,
-            prompt=prompt,
-            seed=seed,
+            prompt=req.prompt,
+            seed=req.seed,
             embedding=np.asarray(embedding, dtype=np.float32),
             nbytes=0,
         )
@@ -284,21 +311,6 @@ class ChorusEngine:
         )
         self.cache.insert(entry)
         return report.request_id in self.cache.store
-
-
-def _validate(prompt, seed, steps, guidance, cache_policy) -> None:
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("prompt: must be a non-empty string")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise ValueError(f"prompt: {len(prompt)} characters, at most {MAX_PROMPT_CHARS}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed={seed!r}: must be an integer in [0, 2**63)")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"num_inference_steps={steps!r}: must be an integer >= 1")
-    if not np.isfinite(guidance) or guidance < 0:
-        raise ValueError(f"guidance_scale={guidance!r}: must be a finite number >= 0")
-    if cache_policy not in CACHE_POLICIES:
-        raise ValueError(f"cache_policy={cache_policy!r}: expected one of {CACHE_POLICIES}")
 
 
 @contextmanager

@@ -1,0 +1,71 @@
+"""`chorus generate`: output formats, the JSON report, and refusal of bad input without touching the cache."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from chorus.cache import DiskStore
+from chorus.cli import main
+from chorus.video import read_mp4
+
+TINY_ARGS = ["--height", "16", "--width", "16", "--frames", "5", "--steps", "3", "--guidance", "1.0"]
+
+
+def test_generate_writes_each_format_and_reuses_the_disk_cache(tmp_path, tiny_wan_dir):
+    cache = tmp_path / "cache"
+    base = [sys.executable, "-m", "chorus.cli", "generate", "a red circle moving left", "--model", str(tiny_wan_dir)]
+    base += [*TINY_ARGS, "--cache-dir", str(cache), "--json"]
+    first = subprocess.run([*base, "--out", str(tmp_path / "a.npy")], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    report = json.loads(first.stdout)
+    assert report["outcome"] == "miss" and report["transformer_calls"] == 3
+    assert "denoising" in first.stderr  # the progress bar
+    frames = np.load(tmp_path / "a.npy")
+    assert frames.shape == (5, 16, 16, 3) and frames.dtype == np.float32 and 0 <= frames.min() <= frames.max() <= 1
+
+    second = subprocess.run([*base, "--out", str(tmp_path / "a.mp4")], capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["outcome"] == "exact"
+    video = read_mp4(tmp_path / "a.mp4")
+    assert video.shape == (5, 16, 16, 3)
+    assert np.abs(video / 255.0 - frames).mean() < 0.08  # lossy H.264 of the same frames
+
+    gif = tmp_path / "a.gif"
+    assert (
+        main(["generate", "a red circle", "--model", str(tiny_wan_dir), *TINY_ARGS, "--no-cache", "--out", str(gif)])
+        == 0
+    )
+    assert (tmp_path / "a.gif").read_bytes()[:6] in (b"GIF87a", b"GIF89a")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["", "--out", "{tmp}/x.npy"], "prompt"),
+        (["a red circle", "--steps", "0", "--out", "{tmp}/x.npy"], "num_inference_steps"),
+        (["a red circle", "--height", "15", "--out", "{tmp}/x.npy"], "height"),
+        (["a red circle", "--out", "{tmp}/x.avi"], "extension"),
+        (["a red circle", "--out", "{tmp}/missing/x.npy"], "does not exist"),
+        (["a red circle", "--model", "{tmp}/no-such-model", "--out", "{tmp}/x.npy"], "no-such-model"),
+    ],
+)
+def test_bad_input_exits_non_zero_and_leaves_the_cache_as_it_was(tmp_path, tiny_wan_dir, capsys, args, message):
+    cache = tmp_path / "cache"
+    seed_args = ["generate", "a blue square", "--model", str(tiny_wan_dir), *TINY_ARGS, "-q"]
+    assert main([*seed_args, "--cache-dir", str(cache), "--out", str(tmp_path / "seed.npy")]) == 0
+    before = sorted(p.name for p in (cache / "entries").iterdir())
+    capsys.readouterr()
+
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    argv = ["generate", args[0], "--model", str(tiny_wan_dir), *TINY_ARGS, "-q", "--cache-dir", str(cache), *args[1:]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error" in err and message in err
+    assert sorted(p.name for p in (cache / "entries").iterdir()) == before
+    assert len(DiskStore(cache)) == 1
+    assert not (tmp_path / "x.npy").exists()

@@ -53,6 +53,31 @@ def _generate(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from .models import ModelNotFoundError
+    from .server.app import DataDirBusyError, serve
+
+    configure_logging(logging.INFO)  # the server logs every job and request as JSON lines
+    if args.max_queue < 1 or args.fps < 1 or not 0 <= args.port <= 65535:
+        print("chorus serve: error: --max-queue and --fps must be >= 1, --port in 0..65535", file=sys.stderr)
+        return 2
+    try:
+        serve(
+            args.model,
+            host=args.host,
+            port=args.port,
+            data_dir=args.data_dir,
+            max_queue=args.max_queue,
+            fps=args.fps,
+            cache_bytes=int(args.cache_gb * (1 << 30)),
+            embedder=args.embedder,
+        )
+    except (ModelNotFoundError, DataDirBusyError) as exc:
+        print(f"chorus serve: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chorus", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log each generation's report")
@@ -76,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print the generation report as JSON")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=_generate)
+
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible Videos API, metrics and a web page")
+    srv.add_argument("--model", default="builtin", help="'builtin' or a local diffusers WanPipeline directory")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--data-dir", type=Path, default=Path(".chorus/server"), help="jobs, videos and the cache")
+    srv.add_argument("--max-queue", type=int, default=64, help="queued jobs at most; more are refused with 429")
+    srv.add_argument("--fps", type=int, default=8, help="frame rate of the videos; maps `seconds` to frames")
+    srv.add_argument("--cache-gb", type=float, default=4.0, help="disk budget of the request cache")
+    srv.add_argument("--embedder", default="minilm", help="minilm, text-encoder, clip:PATH or st:PATH")
+    srv.set_defaults(func=_serve)
     return parser
 
 

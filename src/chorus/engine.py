@@ -14,13 +14,14 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .attention import transformer_flops
 from .cache import (
     CacheEntry,
     DiskStore,
@@ -35,6 +36,7 @@ from .embed import Embedder, make_embedder
 from .models import FlowVideoDiTAdapter, load_adapter
 from .planner import Planner, PlannerConfig, StagePlan
 from .report import GenerationReport
+from .stage2 import Region, RegionReuse, Stage2Config
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +95,15 @@ class ChorusEngine:
         embedder: Embedder | None = None,
         planner: Planner | None = None,
         cache_dtype: torch.dtype = torch.float16,
+        stage2: Stage2Config | None = None,
     ):
         self.adapter = adapter
         self.cache = cache
         self.embedder = embedder or (make_embedder("minilm") if cache is not None else None)
         self.planner = planner or Planner()
+        stage2 = stage2 or Stage2Config()
+        # Stage 2 installs Chorus's attention processors; without a cache there is nothing to reuse.
+        self.region_reuse = RegionReuse(adapter, self.planner, stage2) if cache is not None and stage2.enabled else None
         self.cache_dtype = cache_dtype
         self._calls = 0
         adapter.transformer.register_forward_pre_hook(self._count_call)
@@ -115,6 +121,7 @@ class ChorusEngine:
         embedder: str = "minilm",
         planner: PlannerConfig | None = None,
         cache_dtype: torch.dtype = torch.float16,
+        stage2: Stage2Config | None = None,
         device: str = "cpu",
     ) -> ChorusEngine:
         """An engine for a model name or directory; a disk cache under `cache_dir`, else an in-memory one."""
@@ -127,7 +134,7 @@ class ChorusEngine:
             )
             emb = make_embedder(embedder, adapter)
             cache = RequestCache(store, emb.dim)
-            return cls(adapter, cache, emb, Planner(planner), cache_dtype)
+            return cls(adapter, cache, emb, Planner(planner), cache_dtype, stage2)
         return cls(adapter, None, None, Planner(planner), cache_dtype)
 
     def _count_call(self, module, args):
@@ -215,13 +222,21 @@ class ChorusEngine:
                 req.prompt, req.negative_prompt, req.guidance_scale, self.adapter.defaults.max_sequence_length
             )
             latents = self.adapter.initial_latents(req.height, req.width, req.num_frames, req.seed)
-        trajectory = [latents[0].to(self.cache_dtype)]  # boundary latents, batch dimension dropped
+        passes = 2 if embeds.uncond is not None else 1
+        run = _Run(plan=plan, source=source, trajectory=[latents[0].to(self.cache_dtype)], passes=passes)
         if source is not None:
             # Stage 1: skip the first k1 steps by continuing from where the source stood after them.
-            trajectory = list(source.trajectory[: plan.k1 + 1])
+            run.trajectory = list(source.trajectory[: plan.k1 + 1])
             latents = source.trajectory[plan.k1][None].to(latents.device, torch.float32)
+            if self.region_reuse is not None:
+                with _timed(seconds, "region"):
+                    run.region = self.region_reuse.prepare(source, req.prompt, embeds, plan, latents.shape)
+                if run.region is not None:
+                    run.plan = plan = self.planner.with_mask_fraction(plan, run.region.fraction)
+        if writing and self.region_reuse is not None:
+            run.capture_q, run.capture_kv = self.region_reuse.capture_steps(steps, latents.shape, passes)
 
-        latents = self._denoise(latents, embeds, req.guidance_scale, plan, trajectory, seconds, progress, on_step)
+        latents = self._denoise(latents, embeds, req.guidance_scale, run, seconds, progress, on_step)
 
         with _timed(seconds, "decode"):
             frames = self.adapter.decode(latents).numpy()
@@ -229,6 +244,7 @@ class ChorusEngine:
         report.k1, report.k2 = plan.k1, plan.k2
         report.steps_reused, report.steps_computed = plan.k1, steps - plan.k1
         report.transformer_calls = self._calls - calls_before
+        self._report_stage2(report, run, embeds, latents.shape)
         computing = sum(seconds.get(s, 0.0) for s in ("stage2", "stage3"))
         if source is not None:
             report.outcome, report.similarity = "hit", plan.similarity
@@ -238,7 +254,7 @@ class ChorusEngine:
         elif plan.similarity is not None:
             report.similarity = plan.similarity
         if writing:
-            report.stored = self._store(report, signature, req, embedding, trajectory, latents)
+            report.stored = self._store(report, signature, req, embedding, run, latents)
         report.total_seconds = time.perf_counter() - t_start
         log.info("generation done", extra={"report": report.to_dict()})
         return GenerationResult(frames, report)
@@ -255,33 +271,68 @@ class ChorusEngine:
             return StagePlan(steps, similarity=match.similarity), None
         return plan, source
 
-    def _denoise(
-        self, latents, embeds, guidance, plan: StagePlan, trajectory, seconds, progress, on_step
-    ) -> torch.Tensor:
+    def _denoise(self, latents, embeds, guidance, run: _Run, seconds, progress, on_step) -> torch.Tensor:
+        plan, source, region = run.plan, run.source, run.region
         scheduler = self.adapter.new_scheduler()
         scheduler.set_timesteps(plan.num_steps, device=self.adapter.device)
         scheduler.set_begin_index(plan.k1)
-        timesteps = scheduler.timesteps
+        timesteps, sigmas = scheduler.timesteps, scheduler.sigmas
         bar = tqdm(total=plan.num_steps, initial=plan.k1, desc="denoising", disable=not progress, leave=False)
-        for i in range(plan.k1, plan.num_steps):
-            t = timesteps[i]
-            with _timed(seconds, plan.stage_of(i)):
-                noise = self.adapter.predict(
-                    latents,
-                    t,
-                    embeds,
-                    guidance,
-                    step_index=i,
-                    sigma=float(scheduler.sigmas[i]),
-                    num_steps=len(timesteps),
+        try:
+            for i in range(plan.k1, plan.num_steps):
+                t = timesteps[i]
+                restricted = (
+                    region is not None
+                    and plan.stage_of(i) == "stage2"
+                    and self.region_reuse.has_features(source, i, run.passes)
                 )
-                latents = scheduler.step(noise, t, latents, return_dict=False)[0]
-            trajectory.append(latents[0].to(self.cache_dtype))
-            bar.update()
-            if on_step is not None:
-                on_step(i + 1, plan.num_steps)
-        bar.close()
+                if self.region_reuse is not None:
+                    self.region_reuse.configure_step(
+                        i, plan, region, source, i in run.capture_q, i in run.capture_kv, restricted
+                    )
+                with _timed(seconds, plan.stage_of(i)):
+                    if restricted and not region.token_mask.any():
+                        noise = None  # nothing to recompute: the step is the source's
+                    else:
+                        noise = self.adapter.predict(
+                            latents, t, embeds, guidance, step_index=i, sigma=float(sigmas[i]), num_steps=len(timesteps)
+                        )
+                    if restricted:
+                        # Outside the mask, follow the source: its velocity keeps multistep schedulers' history
+                        # consistent, and its next latent is taken exactly.
+                        src_now, src_next = (source.trajectory[j][None].to(latents) for j in (i, i + 1))
+                        src_velocity = (src_next - src_now) / (sigmas[i + 1] - sigmas[i]).to(latents)
+                        noise = src_velocity if noise is None else torch.where(region.latent_mask, noise, src_velocity)
+                        latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+                        latents = torch.where(region.latent_mask, latents, src_next)
+                        run.restricted_steps.append(i)
+                    else:
+                        latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+                run.trajectory.append(latents[0].to(self.cache_dtype))
+                bar.update()
+                if on_step is not None:
+                    on_step(i + 1, plan.num_steps)
+        finally:
+            bar.close()
+            if self.region_reuse is not None:
+                run.captured = self.region_reuse.take_captured()
+                self.region_reuse.runtime.reset()
         return latents
+
+    def _report_stage2(self, report: GenerationReport, run: _Run, embeds, latent_shape) -> None:
+        if run.region is None:
+            return
+        report.mask_fraction = run.region.fraction
+        report.prompt_diff = run.region.diff.describe()
+        report.alpha = self.region_reuse.config.alpha
+        report.stage2_restricted_steps = list(run.restricted_steps)
+        grid = self.region_reuse.token_grid(latent_shape)
+        tokens, text = math.prod(grid), embeds.cond.shape[1]
+        transformer = self.adapter.transformer
+        report.flops_full_step = run.passes * transformer_flops(transformer, tokens, text)
+        report.flops_stage2_step = run.passes * transformer_flops(
+            transformer, tokens, text, int(run.region.token_mask.sum())
+        )
 
     def _serve_exact(self, entry: CacheEntry, report: GenerationReport, t_start: float) -> GenerationResult:
         with _timed(report.seconds, "decode"):
@@ -294,7 +345,17 @@ class ChorusEngine:
         log.info("generation done", extra={"report": report.to_dict()})
         return GenerationResult(frames, report)
 
-    def _store(self, report, signature, req: Request, embedding, trajectory, final_latent) -> bool:
+    @staticmethod
+    def _features_to_keep(run: _Run) -> dict[str, torch.Tensor]:
+        """This run's recorded features, plus the source's for the steps this run took from it (stage 1)."""
+        kept = dict(run.captured)
+        if run.source is not None:
+            for name, tensor in run.source.extras.items():
+                if int(name.split(".")[1]) <= run.plan.k1 and name not in kept:
+                    kept[name] = tensor
+        return kept
+
+    def _store(self, report, signature, req: Request, embedding, run: _Run, final_latent) -> bool:
         meta = EntryMeta(
             entry_id=report.request_id,
             signature_key=report.signature_key,
@@ -306,11 +367,27 @@ class ChorusEngine:
         entry = CacheEntry(
             meta=meta,
             signature=signature,
-            trajectory=torch.stack([t.cpu() for t in trajectory]),
+            trajectory=torch.stack([t.cpu() for t in run.trajectory]),
             final_latent=final_latent.detach().float().cpu(),
+            extras=self._features_to_keep(run),
         )
         self.cache.insert(entry)
         return report.request_id in self.cache.store
+
+
+@dataclass
+class _Run:
+    """The state of one request's denoising run."""
+
+    plan: StagePlan
+    source: CacheEntry | None
+    trajectory: list[torch.Tensor]  # boundary latents, batch dimension dropped, in the cache dtype
+    passes: int  # transformer calls per step (2 under classifier-free guidance)
+    region: Region | None = None
+    capture_q: set[int] = field(default_factory=set)
+    capture_kv: set[int] = field(default_factory=set)
+    captured: dict[str, torch.Tensor] = field(default_factory=dict)
+    restricted_steps: list[int] = field(default_factory=list)
 
 
 @contextmanager

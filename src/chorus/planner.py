@@ -9,7 +9,7 @@ functions of the similarity, given as fractions of N so that one table serves 4-
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,10 @@ class PlannerConfig:
     stage1: tuple[tuple[float, float], ...] = DEFAULT_STAGE1
     stage2: tuple[tuple[float, float], ...] = DEFAULT_STAGE2
     min_steps_computed: int = 1  # stage 3 never vanishes: the target prompt must shape the final steps
-    extra: dict = field(default_factory=dict)
+    # Stage 2 shrinks linearly from its full length at mask fraction `full_stage2_mask` to nothing at
+    # `no_stage2_mask`: a large mask leaves little to reuse, and its seams would cover most of the video.
+    full_stage2_mask: float = 0.25
+    no_stage2_mask: float = 0.60
 
     def __post_init__(self):
         for name in ("stage1", "stage2"):
@@ -59,6 +62,8 @@ class PlannerConfig:
                 raise ValueError(f"planner {name} fractions must lie in [0, 1]")
         if self.min_steps_computed < 1:
             raise ValueError("min_steps_computed must be at least 1")
+        if not 0.0 <= self.full_stage2_mask <= self.no_stage2_mask <= 1.0:
+            raise ValueError("need 0 <= full_stage2_mask <= no_stage2_mask <= 1")
 
     @property
     def min_similarity(self) -> float:
@@ -85,3 +90,18 @@ class Planner:
             return StagePlan(num_steps, similarity=similarity)
         k2 = max(k1, min(cap, math.floor(_lookup(self.config.stage2, similarity) * num_steps + 0.5)))
         return StagePlan(num_steps, k1, k2, similarity, source_id)
+
+    def with_mask_fraction(self, plan: StagePlan, fraction: float) -> StagePlan:
+        """Shorten stage 2 as the region to recompute grows (non-increasing in the fraction)."""
+        lo, hi = self.config.full_stage2_mask, self.config.no_stage2_mask
+        keep = 1.0 if fraction <= lo else 0.0 if fraction >= hi else (hi - fraction) / (hi - lo)
+        return replace(plan, k2=plan.k1 + math.floor((plan.k2 - plan.k1) * keep + 0.5))
+
+    def candidates(self, num_steps: int) -> list[StagePlan]:
+        """Every distinct hit plan the tables can produce for this schedule (what a source should prepare for)."""
+        plans = {}
+        for threshold in sorted({t for t, _ in (*self.config.stage1, *self.config.stage2)}):
+            plan = self.plan(threshold, num_steps)
+            if plan.is_hit:
+                plans[(plan.k1, plan.k2)] = plan
+        return list(plans.values())

@@ -25,6 +25,13 @@ class GenerationReport:
     total_seconds: float = 0.0
     seconds_saved_estimate: float = 0.0
     stored: bool = False
+    # stage 2 (region reuse with TGAA), when a hit had a region to recompute
+    mask_fraction: float | None = None
+    alpha: float | None = None
+    prompt_diff: dict | None = None  # {"changed": target words, "dropped": source words}
+    stage2_restricted_steps: list[int] = field(default_factory=list)
+    flops_full_step: int | None = None  # transformer FLOPs of one full step (all passes)
+    flops_stage2_step: int | None = None  # ... and of one region-restricted stage-2 step
 
     @property
     def hit(self) -> bool:

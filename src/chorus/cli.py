@@ -58,8 +58,8 @@ def _serve(args) -> int:
     from .server.app import DataDirBusyError, serve
 
     configure_logging(logging.INFO)  # the server logs every job and request as JSON lines
-    if args.max_queue < 1 or args.fps < 1 or not 0 <= args.port <= 65535:
-        print("chorus serve: error: --max-queue and --fps must be >= 1, --port in 0..65535", file=sys.stderr)
+    if args.max_queue < 1 or args.fps < 1 or args.threads < 0 or not 0 <= args.port <= 65535:
+        print("chorus serve: error: --max-queue, --fps >= 1; --threads >= 0; --port in 0..65535", file=sys.stderr)
         return 2
     try:
         serve(
@@ -71,6 +71,7 @@ def _serve(args) -> int:
             fps=args.fps,
             cache_bytes=int(args.cache_gb * (1 << 30)),
             embedder=args.embedder,
+            threads=args.threads,
         )
     except (ModelNotFoundError, DataDirBusyError) as exc:
         print(f"chorus serve: error: {exc}", file=sys.stderr)
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--fps", type=int, default=8, help="frame rate of the videos; maps `seconds` to frames")
     srv.add_argument("--cache-gb", type=float, default=4.0, help="disk budget of the request cache")
     srv.add_argument("--embedder", default="minilm", help="minilm, text-encoder, clip:PATH or st:PATH")
+    srv.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     srv.set_defaults(func=_serve)
     return parser
 

@@ -373,9 +373,11 @@ def serve(
     fps: int = 8,
     cache_bytes: int = 4 << 30,
     embedder: str = "minilm",
+    threads: int = 0,
 ) -> None:
     """Load the model, then serve until interrupted (the `chorus serve` command)."""
     import diffusers
+    import torch
     import transformers
     import uvicorn
 
@@ -383,6 +385,8 @@ def serve(
 
     diffusers.utils.logging.disable_progress_bar()  # logs are JSON lines; no progress bars on stderr
     transformers.utils.logging.disable_progress_bar()
+    if threads > 0:  # on a shared machine one thread is often faster than several competing ones
+        torch.set_num_threads(threads)
     data_dir = Path(data_dir)
     engine = ChorusEngine.from_pretrained(
         model, cache_dir=data_dir / "cache", cache_bytes=cache_bytes, eviction="benefit", embedder=embedder

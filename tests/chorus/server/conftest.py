@@ -20,7 +20,19 @@ HOST = "127.0.0.1"
 # What every test job asks for: the tiny model takes 16x16, and 0.5 s at 8 fps is 4 frames, rounded up to the
 # 5 its VAE takes (1 + 4k). Few steps, so a job takes a fraction of a second on a busy 2-core machine.
 TINY_JOB = {"size": "16x16", "seconds": "0.5"}
-TINY_EXTRA = {"steps": 3}
+TINY_EXTRA = {"steps": 3, "guidance_scale": 1.0}  # no classifier-free guidance: one transformer call a step
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Server tests run torch on one thread: on a small shared machine it is several times faster than two
+    threads fighting other processes for the cores. Restored after each test, so other tests are unaffected."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @dataclass
@@ -108,7 +120,7 @@ class ServerProcess:
         self.url = f"http://{HOST}:{self.port}"
         self.log_path = log_path
         args = ["serve", "--model", str(model_dir), "--data-dir", str(data_dir), "--host", HOST]
-        args += ["--port", str(self.port), *extra]
+        args += ["--port", str(self.port), "--threads", "1", *extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(

@@ -188,9 +188,15 @@ class Stage2Controller:
         return keys
 
     def remove(self) -> None:
+        """Take the hooks off and give back the model's own processors where ours are still installed."""
         for handle in self._handles:
             handle.remove()
-        self.transformer.set_attn_processor({name: p.original for name, p in self.transformer.attn_processors.items()})
+        self.transformer.set_attn_processor(
+            {
+                name: p.original if isinstance(p, ChorusWanAttnProcessor) and p.runtime is self.runtime else p
+                for name, p in self.transformer.attn_processors.items()
+            }
+        )
 
 
 def transformer_flops(transformer, num_tokens: int, text_tokens: int, query_tokens: int | None = None) -> int:

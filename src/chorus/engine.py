@@ -106,7 +106,7 @@ class ChorusEngine:
         self.region_reuse = RegionReuse(adapter, self.planner, stage2) if cache is not None and stage2.enabled else None
         self.cache_dtype = cache_dtype
         self._calls = 0
-        adapter.transformer.register_forward_pre_hook(self._count_call)
+        self._count_handle = adapter.transformer.register_forward_pre_hook(self._count_call)
         self._lock = threading.Lock()
 
     @classmethod
@@ -136,6 +136,14 @@ class ChorusEngine:
             cache = RequestCache(store, emb.dim)
             return cls(adapter, cache, emb, Planner(planner), cache_dtype, stage2)
         return cls(adapter, None, None, Planner(planner), cache_dtype)
+
+    def close(self) -> None:
+        """Take Chorus's hooks and processors off the model and close the cache store."""
+        self._count_handle.remove()
+        if self.region_reuse is not None:
+            self.region_reuse.controller.remove()
+        if self.cache is not None and hasattr(self.cache.store, "close"):
+            self.cache.store.close()
 
     def _count_call(self, module, args):
         self._calls += 1

@@ -77,8 +77,14 @@ def make_engine(tiny_adapter, embedder):
     from chorus.engine import ChorusEngine
     from chorus.planner import Planner, PlannerConfig
 
-    def make(planner: PlannerConfig | None = None, store=None, cache_dtype=torch.float32):
-        cache = RequestCache(store or MemoryStore(1 << 30), embedder.dim)
-        return ChorusEngine(tiny_adapter, cache, embedder, Planner(planner), cache_dtype=cache_dtype)
+    engines = []
 
-    return make
+    def make(planner: PlannerConfig | None = None, store=None, cache_dtype=torch.float32, stage2=None):
+        cache = RequestCache(store or MemoryStore(1 << 30), embedder.dim)
+        engine = ChorusEngine(tiny_adapter, cache, embedder, Planner(planner), cache_dtype=cache_dtype, stage2=stage2)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:  # engines share the adapter: take their processors and hooks off again
+        engine.close()

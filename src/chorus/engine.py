@@ -96,8 +96,14 @@ class ChorusEngine:
         planner: Planner | None = None,
         cache_dtype: torch.dtype = torch.float16,
         stage2: Stage2Config | None = None,
+        intra_cache=None,
     ):
+        """`intra_cache`: a `diffusers.hooks` cache config (e.g. `FirstBlockCacheConfig`) to combine with reuse
+        across requests; it skips work within each request's own remaining steps."""
         self.adapter = adapter
+        self.intra_cache = intra_cache
+        if intra_cache is not None:
+            adapter.transformer.enable_cache(intra_cache)
         self.cache = cache
         self.embedder = embedder or (make_embedder("minilm") if cache is not None else None)
         self.planner = planner or Planner()
@@ -122,6 +128,7 @@ class ChorusEngine:
         planner: PlannerConfig | None = None,
         cache_dtype: torch.dtype = torch.float16,
         stage2: Stage2Config | None = None,
+        intra_cache=None,
         device: str = "cpu",
     ) -> ChorusEngine:
         """An engine for a model name or directory; a disk cache under `cache_dir`, else an in-memory one."""
@@ -134,12 +141,14 @@ class ChorusEngine:
             )
             emb = make_embedder(embedder, adapter)
             cache = RequestCache(store, emb.dim)
-            return cls(adapter, cache, emb, Planner(planner), cache_dtype, stage2)
-        return cls(adapter, None, None, Planner(planner), cache_dtype)
+            return cls(adapter, cache, emb, Planner(planner), cache_dtype, stage2, intra_cache)
+        return cls(adapter, None, None, Planner(planner), cache_dtype, intra_cache=intra_cache)
 
     def close(self) -> None:
         """Take Chorus's hooks and processors off the model and close the cache store."""
         self._count_handle.remove()
+        if self.intra_cache is not None:
+            self.adapter.transformer.disable_cache()
         if self.region_reuse is not None:
             self.region_reuse.controller.remove()
         if self.cache is not None and hasattr(self.cache.store, "close"):
@@ -286,6 +295,7 @@ class ChorusEngine:
         scheduler.set_begin_index(plan.k1)
         timesteps, sigmas = scheduler.timesteps, scheduler.sigmas
         bar = tqdm(total=plan.num_steps, initial=plan.k1, desc="denoising", disable=not progress, leave=False)
+        self._reset_intra_cache()
         try:
             for i in range(plan.k1, plan.num_steps):
                 t = timesteps[i]
@@ -298,6 +308,8 @@ class ChorusEngine:
                     self.region_reuse.configure_step(
                         i, plan, region, source, i in run.capture_q, i in run.capture_kv, restricted
                     )
+                if restricted:
+                    self._reset_intra_cache()  # intra-request caches compare whole-grid activations across steps
                 with _timed(seconds, plan.stage_of(i)):
                     if restricted and not region.token_mask.any():
                         noise = None  # nothing to recompute: the step is the source's
@@ -314,6 +326,7 @@ class ChorusEngine:
                         latents = scheduler.step(noise, t, latents, return_dict=False)[0]
                         latents = torch.where(region.latent_mask, latents, src_next)
                         run.restricted_steps.append(i)
+                        self._reset_intra_cache()
                     else:
                         latents = scheduler.step(noise, t, latents, return_dict=False)[0]
                 run.trajectory.append(latents[0].to(self.cache_dtype))
@@ -326,6 +339,10 @@ class ChorusEngine:
                 run.captured = self.region_reuse.take_captured()
                 self.region_reuse.runtime.reset()
         return latents
+
+    def _reset_intra_cache(self) -> None:
+        if self.intra_cache is not None:
+            self.adapter.transformer._reset_stateful_cache()
 
     def _report_stage2(self, report: GenerationReport, run: _Run, embeds, latent_shape) -> None:
         if run.region is None:

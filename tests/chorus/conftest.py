@@ -79,9 +79,11 @@ def make_engine(tiny_adapter, embedder):
 
     engines = []
 
-    def make(planner: PlannerConfig | None = None, store=None, cache_dtype=torch.float32, stage2=None):
+    def make(planner: PlannerConfig | None = None, store=None, cache_dtype=torch.float32, stage2=None, intra=None):
         cache = RequestCache(store or MemoryStore(1 << 30), embedder.dim)
-        engine = ChorusEngine(tiny_adapter, cache, embedder, Planner(planner), cache_dtype=cache_dtype, stage2=stage2)
+        engine = ChorusEngine(
+            tiny_adapter, cache, embedder, Planner(planner), cache_dtype=cache_dtype, stage2=stage2, intra_cache=intra
+        )
         engines.append(engine)
         return engine
 

@@ -192,3 +192,15 @@ def test_report_without_stage2_features_falls_back_to_full_steps(make_engine):
     engine.generate(SOURCE, seed=1, **GRID_ARGS)
     hit = engine.generate(TARGET, seed=2, **GRID_ARGS)
     assert hit.report.outcome == "hit" and hit.report.mask_fraction is None and hit.report.transformer_calls == 3
+
+
+def test_combines_with_an_intra_request_cache(make_engine, fixed_mask):
+    from diffusers import FirstBlockCacheConfig
+
+    fixed_mask(left_half)
+    # A threshold that never skips: the source records its features at every step, and First-Block-Cache's
+    # hooks still see the region-restricted steps' shorter token sequences (which the engine must shield them from).
+    engine = make_engine(PLAN, intra=FirstBlockCacheConfig(threshold=1e-9))
+    engine.generate(SOURCE, seed=1, **GRID_ARGS)
+    hit = engine.generate(TARGET, seed=2, **GRID_ARGS)
+    assert hit.report.stage2_restricted_steps == [1, 2] and np.isfinite(hit.frames).all()

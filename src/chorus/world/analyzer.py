@@ -41,6 +41,7 @@ class DetectedObject:
     frames_seen: int
     area: float  # median pixel area
     displacement: tuple[float, float]  # (dx, dy) over the whole clip, pixels
+    start: tuple[float, float]  # centroid (x, y) in the first frame it is seen
     shape_scores: dict = field(default_factory=dict)
 
 
@@ -179,6 +180,7 @@ def analyze(frames) -> Analysis:
                 frames_seen=len(track),
                 area=float(np.median(areas)),
                 displacement=disp,
+                start=(track[0][1], track[0][2]),
                 shape_scores=votes,
             )
         )

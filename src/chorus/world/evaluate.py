@@ -1,0 +1,145 @@
+"""Measure the built-in model (or any model of this world) with the analyzer, through the engine.
+
+    python -m chorus.world.evaluate --n 200 --steps 4 50 [--model builtin] [--out report.json] [--sheet s.png]
+
+Generates one video per held-out prompt (`prompts.heldout_prompts(n)`: held-out attribute combinations, and
+held-out templates and synonyms half of the time each) with seed = its index, through `ChorusEngine` with no
+cache, so the numbers are those of the plain sampler. Per attribute it reports the share of the prompt's asks
+that the analyzer finds in the video (background, object count, and per object colour, shape, motion, size when
+named), the mean alignment score, and seed diversity: for `--pairs` prompts a second seed, and how often the two
+videos differ visibly (objects start at least 2 pixels apart or differ in size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import analyzer, prompts
+
+REQUIRED = ("colour", "motion", "shape", "background", "count")
+
+
+def make_engine(model: str = "builtin"):
+    from chorus.engine import ChorusEngine
+    from chorus.models import load_adapter
+
+    return ChorusEngine(load_adapter(model))
+
+
+def generate(engine, prompt: str, seed: int, steps: int) -> np.ndarray:
+    return engine.generate(prompt, seed=seed, num_inference_steps=steps, cache_policy="off").frames
+
+
+def _visibly_different(a: analyzer.Analysis, b: analyzer.Analysis) -> bool:
+    for oa in a.objects:
+        ob = b.find(oa.colour)
+        if ob is None:
+            return True
+        dist = np.hypot(oa.start[0] - ob.start[0], oa.start[1] - ob.start[1])
+        if dist >= 2.0 or oa.size != ob.size:
+            return True
+    return a.count != b.count
+
+
+def evaluate(engine, n: int = 200, steps: int = 4, pairs: int = 20, seed: int = 1234, progress: bool = True) -> dict:
+    items = prompts.heldout_prompts(n, seed)
+    hits: dict[str, list[bool]] = {}
+    scores, diverse, pixel_diff = [], [], []
+    heldout_words = {w for ws in prompts.vocabulary("heldout").values() for w in ws}
+    by_wording: dict[str, list[float]] = {"held-out words": [], "training words only": []}
+    t0 = time.perf_counter()
+    for i, (spec, text) in enumerate(tqdm(items, desc=f"{steps}-step", disable=not progress)):
+        frames = generate(engine, text, i, steps)
+        result = analyzer.analyze(frames)
+        h = analyzer.attribute_hits(spec, result)
+        for attr, values in h.items():
+            hits.setdefault(attr, []).extend(values)
+        score = analyzer.alignment(spec, result)
+        scores.append(score)
+        padded = " " + " ".join(text.lower().replace(",", " ").replace(":", " ").split()) + " "
+        uses_heldout = any(f" {w} " in padded for w in heldout_words)
+        by_wording["held-out words" if uses_heldout else "training words only"].append(score)
+        if i < pairs:
+            other = generate(engine, text, i + 100_000, steps)
+            diverse.append(_visibly_different(result, analyzer.analyze(other)))
+            pixel_diff.append(float(np.abs(frames - other).mean()))
+    seconds = time.perf_counter() - t0
+    accuracy = {k: float(np.mean(v)) for k, v in hits.items() if v}
+    return {
+        "steps": steps,
+        "generations": n,
+        "accuracy": accuracy,
+        "asks": {k: len(v) for k, v in hits.items()},
+        "meets_90": all(accuracy[k] >= 0.9 for k in REQUIRED),
+        "alignment": float(np.mean(scores)),
+        "alignment_by_wording": {k: (float(np.mean(v)) if v else None, len(v)) for k, v in by_wording.items()},
+        "seed_pairs": len(diverse),
+        "seed_pairs_visibly_different": float(np.mean(diverse)) if diverse else None,
+        "seed_pairs_mean_abs_pixel_diff": float(np.mean(pixel_diff)) if pixel_diff else None,
+        "seconds": round(seconds, 1),
+        "seconds_per_generation": round(seconds / (n + len(diverse)), 3),
+    }
+
+
+def contact_sheet(engine, path: str | Path, steps: int = 4, rows: int = 6, seeds: int = 3, seed: int = 1234) -> Path:
+    """A PNG: per row one held-out prompt, per seed its first, middle and last frame (4x upscaled)."""
+    from PIL import Image
+
+    items = prompts.heldout_prompts(rows, seed)
+    strips = []
+    for i, (_, text) in enumerate(items):
+        row = []
+        for s in range(seeds):
+            frames = generate(engine, text, i + 1000 * s, steps)
+            f = frames.shape[0]
+            row.append(np.concatenate([frames[0], frames[f // 2], frames[-1], np.ones_like(frames[0][:, :2])], 1))
+        strips.append(np.concatenate(row, 1))
+        strips.append(np.ones_like(strips[-1][:2]))
+    sheet = (np.concatenate(strips, 0) * 255).round().astype(np.uint8)
+    img = Image.fromarray(sheet).resize((sheet.shape[1] * 4, sheet.shape[0] * 4), Image.NEAREST)
+    path = Path(path)
+    img.save(path)
+    return path
+
+
+def format_report(reports: list[dict]) -> str:
+    attrs = [*REQUIRED, "size"]
+    lines = ["| steps | " + " | ".join(attrs) + " | alignment | seeds visibly different | s/generation |"]
+    lines.append("|" + "---|" * (len(attrs) + 4))
+    for r in reports:
+        acc = " | ".join(f"{100 * r['accuracy'].get(a, float('nan')):.1f}%" for a in attrs)
+        div = r["seed_pairs_visibly_different"]
+        lines.append(
+            f"| {r['steps']} | {acc} | {r['alignment']:.3f} | "
+            f"{'-' if div is None else f'{100 * div:.0f}%'} ({r['seed_pairs']} pairs) | {r['seconds_per_generation']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m chorus.world.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="builtin", help="'builtin' or a model directory")
+    p.add_argument("--n", type=int, default=200, help="held-out prompts (one generation each)")
+    p.add_argument("--steps", type=int, nargs="+", default=[4, 50])
+    p.add_argument("--pairs", type=int, default=20, help="prompts generated with a second seed")
+    p.add_argument("--out", default=None, help="write the JSON report here")
+    p.add_argument("--sheet", default=None, help="write a PNG contact sheet of 4-step generations here")
+    a = p.parse_args(argv)
+    engine = make_engine(a.model)
+    reports = [evaluate(engine, a.n, s, a.pairs) for s in a.steps]
+    print(json.dumps(reports, indent=2))
+    print(format_report(reports))
+    if a.out:
+        Path(a.out).write_text(json.dumps(reports, indent=2) + "\n")
+    if a.sheet:
+        print(f"contact sheet: {contact_sheet(engine, a.sheet)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -79,6 +79,74 @@ def _serve(args) -> int:
     return 0
 
 
+def _trace(args) -> int:
+    from .bench.main import make_trace
+    from .bench.trace import KINDS, TraceConfig
+
+    try:
+        mix = dict(zip(KINDS, args.mix, strict=True)) if args.mix else None
+        cfg = TraceConfig(
+            requests=args.requests,
+            seed=args.seed,
+            zipf_s=args.zipf,
+            heldout=args.heldout,
+            p_word=args.p_word,
+            p_two=args.p_two,
+            p_size=args.p_size,
+            rate_rps=args.rate,
+            **({"mix": mix} if mix else {}),
+        )
+    except ValueError as exc:
+        print(f"chorus trace: error: {exc}", file=sys.stderr)
+        return 2
+    summary = make_trace(args.out, cfg)
+    print(json.dumps({"trace": str(args.out), **summary}, indent=2))
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench.main import run_benchmark
+    from .bench.policies import known_policies
+    from .bench.report import markdown
+    from .models import ModelNotFoundError
+
+    if not args.trace.is_file():
+        print(f"chorus bench: error: trace {args.trace} not found", file=sys.stderr)
+        return 2
+    policies = args.policy or ["none", "nirvana", "chorus"]
+    unknown = [p for p in policies if p not in known_policies()]
+    if unknown:
+        print(
+            f"chorus bench: error: unknown policy {unknown[0]!r}; known: {', '.join(known_policies())}", file=sys.stderr
+        )
+        return 2
+    if (args.steps is not None and args.steps < 1) or (args.limit is not None and args.limit < 1) or args.threads < 0:
+        print("chorus bench: error: --steps and --limit must be >= 1, --threads >= 0", file=sys.stderr)
+        return 2
+    from .bench.replay import BenchSettings
+
+    sizes = {"height": args.height, "width": args.width, "num_frames": args.frames, "guidance_scale": args.guidance}
+    settings = BenchSettings(generate_kwargs={k: v for k, v in sizes.items() if v is not None})
+    try:
+        out = run_benchmark(
+            args.trace,
+            policies,
+            model=args.model,
+            steps=args.steps,
+            server=args.server,
+            report_path=args.report,
+            plots_dir=args.plots,
+            threads=args.threads or None,
+            limit=args.limit,
+            settings=settings,
+        )
+    except (ValueError, ModelNotFoundError, OSError) as exc:
+        print(f"chorus bench: error: {exc}", file=sys.stderr)
+        return 2
+    print(markdown(out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chorus", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log each generation's report")
@@ -114,6 +182,42 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--embedder", default="minilm", help="minilm, text-encoder, clip:PATH or st:PATH")
     srv.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     srv.set_defaults(func=_serve)
+
+    trc = sub.add_parser("trace", help="write a seeded prompt trace (JSONL) with the structure of real prompt logs")
+    trc.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
+    trc.add_argument("--requests", type=int, default=300)
+    trc.add_argument("--seed", type=int, default=0)
+    trc.add_argument(
+        "--mix", type=float, nargs=4, metavar=("FRESH", "PARAPHRASE", "EDIT", "REPEAT"), help="request-kind weights"
+    )
+    trc.add_argument("--zipf", type=float, default=1.1, help="topic popularity exponent (0: uniform)")
+    trc.add_argument("--heldout", type=float, default=1.0, help="share of topics from the world's held-out split")
+    trc.add_argument("--p-word", type=float, default=0.5, help="share of held-out wordings in held-out topics")
+    trc.add_argument("--p-two", type=float, default=0.5, help="share of two-object scenes")
+    trc.add_argument("--p-size", type=float, default=0.3, help="share of objects with a size word")
+    trc.add_argument("--rate", type=float, default=None, help="Poisson arrival rate (requests/s); none if omitted")
+    trc.set_defaults(func=_trace)
+
+    bch = sub.add_parser("bench", help="replay a trace once per reuse policy; speed, reuse and quality")
+    bch.add_argument("--trace", type=Path, required=True, help="JSONL trace (see `chorus trace`)")
+    bch.add_argument(
+        "--policy",
+        action="append",
+        help="none, nirvana, chorus, fbc, taylorseer, magcache, chorus+fbc|taylorseer|magcache|best, "
+        "chorus-stage1, chorus-notgaa (repeatable; default none, nirvana, chorus)",
+    )
+    bch.add_argument("--steps", type=int, default=None, help="denoising steps (model default if omitted)")
+    bch.add_argument("--model", default="builtin", help="'builtin' or a local model directory")
+    bch.add_argument("--server", default=None, help="replay against a running `chorus serve` at this URL")
+    bch.add_argument("--report", type=Path, default=None, help="write the JSON report here")
+    bch.add_argument("--plots", type=Path, default=None, help="write PNG plots into this directory")
+    bch.add_argument("--height", type=int, default=None, help="model default if omitted")
+    bch.add_argument("--width", type=int, default=None, help="model default if omitted")
+    bch.add_argument("--frames", type=int, default=None, help="model default if omitted")
+    bch.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    bch.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
+    bch.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    bch.set_defaults(func=_bench)
     return parser
 
 

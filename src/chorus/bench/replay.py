@@ -1,0 +1,368 @@
+"""Replay a trace once per policy, each from an empty cache, and measure speed, reuse and quality.
+
+In process (the default), one adapter is loaded and each policy gets its own `ChorusEngine` over it: an empty
+in-memory cache for the reusing policies, the policy's intra-request cache hooks, and nothing else different. Every
+policy first runs one warm-up request (not stored, not timed). Requests are served back to back (closed loop); the
+time a policy spends serving the trace is `wall_s` (the benchmark's own scoring, below, is not counted).
+
+Quality, per request, after it has been timed:
+- `alignment`: the built-in world's analyzer score of the video against its prompt, in points (0-100), the role CLIP
+  score plays for real models; prompts outside the world get none;
+- `fidelity_psnr`: PSNR (dB) of the video against the same request (prompt and seed) under `none`; identical videos
+  count as 100 dB. The `none` videos are kept in memory for this, so `none` always runs first (it is added when
+  not asked for).
+
+Latency: `service` is one request's time in the engine. When the trace has arrival times, `latency_*` also include
+queueing, as if one worker had served the requests as they arrived (computed from the measured service times);
+without arrivals they equal the service times.
+
+`--server URL` replays against a running `chorus serve` through its OpenAI-compatible API instead, one request at
+a time: `none` sends `cache_policy="off"` and `chorus` sends `"reuse"` (the server's own planner settings); other
+policies need their own engine configuration and are refused. Start the server on an empty data directory so that
+`chorus` starts from an empty cache.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .policies import INTRA_NAMES, Policy, intra_cache_config, magnitude_ratios, make_policy
+from .trace import TraceRequest
+
+PSNR_IDENTICAL = 100.0
+ALIGNMENT_SLACK = 2.0  # points: how much alignment an intra-request cache may lose to count for chorus+best
+WARMUP_PROMPT = "a red circle moving left on a white background"
+
+
+@dataclass
+class BenchSettings:
+    steps: int | None = None  # the model's default when None
+    generate_kwargs: dict = field(default_factory=dict)  # height/width/num_frames/guidance_scale overrides
+    cache_bytes: int = 2 << 30
+    eviction: str = "benefit"
+    cache_dtype: torch.dtype = torch.float16
+    warmup: int = 1
+    intra_options: dict[str, dict] = field(default_factory=dict)
+    progress: bool = True
+
+
+@dataclass
+class RequestRecord:
+    index: int
+    kind: str
+    outcome: str
+    similarity: float | None
+    k1: int
+    k2: int
+    steps_reused: int
+    steps_saved: float  # stage-1 steps plus the share of stage-2 work not done on restricted steps
+    transformer_calls: int
+    service_s: float
+    mask_fraction: float | None
+    alignment: float | None
+    psnr: float | None
+    latency_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape:
+        return 0.0
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return PSNR_IDENTICAL if mse <= 10 ** (-PSNR_IDENTICAL / 10) else min(PSNR_IDENTICAL, 10 * math.log10(1.0 / mse))
+
+
+def alignment_points(prompt: str, frames: np.ndarray) -> float | None:
+    from ..world import analyzer
+
+    try:
+        return 100.0 * analyzer.alignment(prompt, frames)
+    except ValueError:  # not a prompt of the built-in world
+        return None
+
+
+def steps_saved(report: dict) -> float:
+    if report.get("outcome") == "exact":
+        return float(report.get("num_steps", 0))
+    saved = float(report.get("steps_reused") or 0)
+    full, part = report.get("flops_full_step"), report.get("flops_stage2_step")
+    if full and part is not None:
+        saved += len(report.get("stage2_restricted_steps") or []) * (1.0 - part / full)
+    return saved
+
+
+def _record(i: int, req: TraceRequest, report: dict, service: float, frames, reference) -> RequestRecord:
+    return RequestRecord(
+        index=i,
+        kind=req.kind,
+        outcome=report["outcome"],
+        similarity=report.get("similarity"),
+        k1=report.get("k1", 0),
+        k2=report.get("k2", 0),
+        steps_reused=report.get("steps_reused", 0),
+        steps_saved=steps_saved(report),
+        transformer_calls=report.get("transformer_calls", 0),
+        service_s=service,
+        mask_fraction=report.get("mask_fraction"),
+        alignment=alignment_points(req.prompt, frames),
+        psnr=psnr(frames, reference) if reference is not None else PSNR_IDENTICAL,
+    )
+
+
+def queue_latencies(trace: list[TraceRequest], service: list[float]) -> list[float]:
+    """Per request, finish minus arrival under one FIFO worker; the service times when there are no arrivals."""
+    if any(r.arrival_s is None for r in trace):
+        return list(service)
+    out, free_at = [], 0.0
+    for r, s in zip(trace, service, strict=True):
+        start = max(r.arrival_s, free_at)
+        free_at = start + s
+        out.append(free_at - r.arrival_s)
+    return out
+
+
+def order_policies(names: list[str]) -> list[str]:
+    """`none` first (added when missing: it is every other policy's reference), `chorus+best` after the
+    intra-request caches it chooses from; otherwise in the order given, without duplicates."""
+    names = list(dict.fromkeys(names))
+    if "none" not in names:
+        names.insert(0, "none")
+    rest = [n for n in names if n not in ("none", "chorus+best")]
+    return ["none", *rest, *(["chorus+best"] if "chorus+best" in names else [])]
+
+
+def choose_best_intra(results: dict[str, dict]) -> str | None:
+    """The intra-request cache with the highest throughput among those within ALIGNMENT_SLACK of `none`
+    (the most aligned one when none qualifies)."""
+    intra = {n: r for n, r in results.items() if n in INTRA_NAMES}
+    if not intra:
+        return None
+    base = results["none"]["alignment"]
+    ok = {n: r for n, r in intra.items() if base is None or (r["alignment"] or 0) >= base - ALIGNMENT_SLACK}
+    if ok:
+        return max(ok, key=lambda n: ok[n]["throughput_rps"])
+    return max(intra, key=lambda n: intra[n]["alignment"] or 0)
+
+
+class InProcessRunner:
+    """Replays under each policy with one shared adapter and embedder."""
+
+    def __init__(self, adapter, embedder, settings: BenchSettings):
+        self.adapter, self.embedder, self.settings = adapter, embedder, settings
+        self._mag_ratios: dict[int, list[float]] = {}
+
+    @property
+    def steps(self) -> int:
+        return self.settings.steps or self.adapter.defaults.num_inference_steps
+
+    def _calibrate(self, num_steps: int) -> list[float]:
+        if num_steps not in self._mag_ratios:
+            from ..engine import ChorusEngine
+
+            engine = ChorusEngine(self.adapter)
+            try:
+                self._mag_ratios[num_steps] = magnitude_ratios(
+                    self.adapter, lambda: self._generate(engine, WARMUP_PROMPT, 1, "off"), num_steps
+                )
+            finally:
+                engine.close()
+        return self._mag_ratios[num_steps]
+
+    def _generate(self, engine, prompt: str, seed: int, cache_policy: str):
+        kw = self.settings.generate_kwargs
+        return engine.generate(prompt, seed=seed, num_inference_steps=self.steps, cache_policy=cache_policy, **kw)
+
+    def engine_for(self, policy: Policy):
+        from ..cache import MemoryStore, RequestCache
+        from ..cache import make_policy as make_eviction
+        from ..engine import ChorusEngine
+        from ..planner import Planner
+
+        intra = None
+        if policy.intra is not None:
+            options = {**self.settings.intra_options.get(policy.intra, {}), **policy.intra_options}
+            intra = intra_cache_config(policy.intra, self.steps, options, self._calibrate)
+        cache = None
+        if policy.cache:
+            store = MemoryStore(self.settings.cache_bytes, make_eviction(self.settings.eviction))
+            cache = RequestCache(store, self.embedder.dim)
+        return ChorusEngine(
+            self.adapter,
+            cache,
+            self.embedder if cache is not None else None,
+            Planner(policy.planner),
+            cache_dtype=self.settings.cache_dtype,
+            stage2=policy.stage2,
+            intra_cache=intra,
+        )
+
+    def replay(self, policy: Policy, trace: list[TraceRequest], reference: list | None) -> tuple[list, list]:
+        engine = self.engine_for(policy)
+        cache_policy = "reuse" if policy.cache else "off"
+        records, frames_out = [], []
+        try:
+            for w in range(self.settings.warmup):
+                self._generate(engine, WARMUP_PROMPT, 10_000 + w, "off")
+            bar = tqdm(trace, desc=policy.name, disable=not self.settings.progress, leave=False)
+            for i, req in enumerate(bar):
+                t0 = time.perf_counter()
+                result = self._generate(engine, req.prompt, req.seed, cache_policy)
+                service = time.perf_counter() - t0
+                ref = reference[i] if reference is not None else None
+                records.append(_record(i, req, result.report.to_dict(), service, result.frames, ref))
+                frames_out.append(result.frames)
+        finally:
+            engine.close()
+        return records, frames_out
+
+
+class ServerRunner:
+    """Replays against a running `chorus serve` (OpenAI Videos API), one request at a time."""
+
+    POLICIES: ClassVar[dict[str, str]] = {"none": "off", "chorus": "reuse"}
+
+    def __init__(self, url: str, settings: BenchSettings, poll_s: float = 0.05, timeout_s: float = 600.0):
+        self.url, self.settings, self.poll_s, self.timeout_s = url.rstrip("/"), settings, poll_s, timeout_s
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> bytes:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.url + path, data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.read()
+
+    def check(self, policy: Policy) -> None:
+        if policy.name not in self.POLICIES:
+            raise ValueError(
+                f"policy {policy.name!r} cannot be replayed against a server (it needs its own engine settings); "
+                f"with --server use {' and '.join(self.POLICIES)}"
+            )
+
+    def _one(self, req: TraceRequest, cache_policy: str) -> tuple[dict, np.ndarray]:
+        body = {"prompt": req.prompt, "seed": req.seed, "cache_policy": cache_policy}
+        if self.settings.steps is not None:
+            body["steps"] = self.settings.steps
+        video = json.loads(self._call("POST", "/v1/videos", body))
+        deadline = time.monotonic() + self.timeout_s
+        while video["status"] not in ("completed", "failed"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"video {video['id']} not done after {self.timeout_s}s")
+            time.sleep(self.poll_s)
+            video = json.loads(self._call("GET", f"/v1/videos/{video['id']}"))
+        if video["status"] == "failed":
+            raise RuntimeError(f"video {video['id']} failed: {video.get('error')}")
+        frames = decode_mp4(self._call("GET", f"/v1/videos/{video['id']}/content"))
+        return video["chorus"]["report"], frames
+
+    def replay(self, policy: Policy, trace: list[TraceRequest], reference: list | None) -> tuple[list, list]:
+        self.check(policy)
+        records, frames_out = [], []
+        for i, req in enumerate(tqdm(trace, desc=policy.name, disable=not self.settings.progress, leave=False)):
+            t0 = time.perf_counter()
+            report, frames = self._one(req, self.POLICIES[policy.name])
+            service = time.perf_counter() - t0
+            ref = reference[i] if reference is not None else None
+            records.append(_record(i, req, report, service, frames, ref))
+            frames_out.append(frames)
+        return records, frames_out
+
+
+def decode_mp4(data: bytes) -> np.ndarray:
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    return np.stack(frames).astype(np.float32) / 255.0
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def summarize_policy(policy: Policy, trace: list[TraceRequest], records: list[RequestRecord], steps: int) -> dict:
+    service = [r.service_s for r in records]
+    latencies = queue_latencies(trace, service)
+    for r, lat in zip(records, latencies, strict=True):
+        r.latency_s = lat
+    wall = float(sum(service))
+    n = len(records)
+    return {
+        "requests": n,
+        "wall_s": wall,
+        "throughput_rps": n / wall if wall > 0 else None,
+        "latency_p50_s": _percentile(latencies, 50),
+        "latency_p99_s": _percentile(latencies, 99),
+        "service_p50_s": _percentile(service, 50),
+        "service_p99_s": _percentile(service, 99),
+        "hit_rate": sum(r.outcome in ("hit", "exact") for r in records) / n if n else 0.0,
+        "exact_rate": sum(r.outcome == "exact" for r in records) / n if n else 0.0,
+        "transformer_calls": int(sum(r.transformer_calls for r in records)),
+        "transformer_calls_per_request": sum(r.transformer_calls for r in records) / n if n else 0.0,
+        "steps_saved": float(sum(r.steps_saved for r in records)),
+        "steps_saved_fraction": sum(r.steps_saved for r in records) / (n * steps) if n else 0.0,
+        "alignment": _mean(r.alignment for r in records),
+        "fidelity_psnr": _mean(r.psnr for r in records),
+        "alignment_by_kind": {
+            k: _mean(r.alignment for r in records if r.kind == k) for k in sorted({r.kind for r in records})
+        },
+        "config": policy.describe(),
+        "per_request": [r.to_dict() for r in records],
+    }
+
+
+def run(
+    trace: list[TraceRequest],
+    policy_names: list[str],
+    runner,
+    steps: int,
+    *,
+    policy_factory: Callable[[str], Policy] = make_policy,
+    on_policy: Callable[[str, dict], None] | None = None,
+) -> dict[str, dict]:
+    """Replay `trace` under each policy; returns `{name: summary}` with `speedup_vs_none` filled in."""
+    results: dict[str, dict] = {}
+    reference = None
+    for name in order_policies(policy_names):
+        policy = policy_factory(name)
+        if policy.intra == "best":
+            best = choose_best_intra(results)
+            if best is None:
+                raise ValueError(
+                    "chorus+best needs an intra-request cache policy (fbc, taylorseer, magcache) in the run"
+                )
+            policy = Policy(name, True, policy.planner, policy.stage2, best)
+        load_before = os.getloadavg()
+        records, frames = runner.replay(policy, trace, reference)
+        if name == "none":
+            reference = frames
+        summary = summarize_policy(policy, trace, records, steps)
+        summary["loadavg_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
+        if policy.intra is not None and name.startswith("chorus+"):
+            summary["intra_chosen"] = policy.intra
+        results[name] = summary
+        if on_policy is not None:
+            on_policy(name, summary)
+    base = results["none"]["throughput_rps"]
+    for summary in results.values():
+        summary["speedup_vs_none"] = summary["throughput_rps"] / base if base and summary["throughput_rps"] else None
+    return results

@@ -1,0 +1,1 @@
+"""Switches that make other libraries' models use the xmsda op."""

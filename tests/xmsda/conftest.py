@@ -1,0 +1,37 @@
+"""Shared input builders for the xmsda tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def level_tensors(shapes):
+    spatial_shapes = torch.tensor(shapes, dtype=torch.int64).reshape(-1, 2)
+    sizes = spatial_shapes[:, 0] * spatial_shapes[:, 1]
+    level_start_index = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    return spatial_shapes, level_start_index
+
+
+def make_inputs(N=2, shapes=((6, 7), (3, 4)), Q=5, M=2, D=4, P=2, dtype=torch.float64, spread=(-0.2, 1.2), seed=0):
+    """Random inputs; locations uniform in `spread` so some points fall outside the maps."""
+    g = torch.Generator().manual_seed(seed)
+    spatial_shapes, level_start_index = level_tensors(shapes)
+    S = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
+    L = spatial_shapes.shape[0]
+    value = torch.randn(N, S, M, D, generator=g, dtype=torch.float64).to(dtype)
+    lo, hi = spread
+    loc = (torch.rand(N, Q, M, L, P, 2, generator=g, dtype=torch.float64) * (hi - lo) + lo).to(dtype)
+    attn = torch.rand(N, Q, M, L, P, generator=g, dtype=torch.float64)
+    attn = (attn / attn.sum((-1, -2), keepdim=True)).to(dtype)
+    return value, spatial_shapes, level_start_index, loc, attn
+
+
+@pytest.fixture
+def numba_threads():
+    """Set numba's thread count inside a test and restore it afterwards."""
+    import numba
+
+    before = numba.get_num_threads()
+    yield numba.set_num_threads
+    numba.set_num_threads(before)

@@ -1,0 +1,177 @@
+"""The op against the grid_sample reference: values, gradients, dtypes, layouts, determinism, compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import xmsda
+from xmsda.reference import ms_deform_attn_core_pytorch, ms_deform_attn_gather
+
+from .conftest import level_tensors, make_inputs
+
+
+def op(value, spatial_shapes, level_start_index, loc, attn):
+    return xmsda.ms_deform_attn(value, spatial_shapes, level_start_index, loc, attn)
+
+
+def gradcheck(value, spatial_shapes, level_start_index, loc, attn, wrt=(True, True, True), fast_mode=False):
+    def f(v, lo, a):
+        return op(v, spatial_shapes, level_start_index, lo, a)
+
+    inputs = [t.detach().clone().requires_grad_(w) for t, w in zip((value, loc, attn), wrt, strict=True)]
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=fast_mode)
+
+
+def grads(fn, value, spatial_shapes, level_start_index, loc, attn, grad_out=None):
+    inputs = [t.detach().clone().requires_grad_() for t in (value, loc, attn)]
+    if fn is ms_deform_attn_core_pytorch:
+        out = fn(inputs[0], spatial_shapes, inputs[1], inputs[2])
+    else:
+        out = fn(inputs[0], spatial_shapes, level_start_index, inputs[1], inputs[2])
+    if grad_out is None:
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out.backward(grad_out.to(out.dtype))
+    return out.detach(), *(t.grad for t in inputs)
+
+
+@pytest.mark.parametrize(
+    ("shapes", "D", "P"),
+    [
+        (((5, 6),), 3, 1),  # one level, one point
+        (((6, 7), (3, 4), (1, 1)), 4, 3),  # several levels (one of them a single pixel) and points
+        (((4, 3), (2, 2)), 30, 2),  # odd channel counts: vector body plus remainder
+        (((3, 4),), 71, 2),
+    ],
+)
+def test_gradcheck_random_points(shapes, D, P):
+    # Locations in [-0.2, 1.2]: inside, straddling the border and fully outside the maps.
+    # Wide heads use gradcheck's fast mode (random projections of the Jacobian) to keep the suite quick.
+    gradcheck(*make_inputs(N=2 if D < 30 else 1, shapes=shapes, Q=4, M=2, D=D, P=P), fast_mode=D >= 30)
+
+
+def test_gradcheck_points_on_the_border_and_outside():
+    value, ss, lsi, _, attn = make_inputs(N=1, shapes=((4, 5), (2, 3)), Q=4, M=2, D=3, P=4)
+    # x and y from {0, 1} (the map's outer edge, half a pixel outside the border pixels), just inside, and
+    # well outside (-0.5, 1.5: no corner inside).
+    edge = torch.tensor(
+        [[0.0, 0.33], [1.0, 0.61], [0.42, 0.0], [0.77, 1.0], [0.0, 1.0], [1.0, 0.0], [-0.5, 0.5], [0.5, 1.5]]
+    )
+    loc = edge[torch.arange(4 * 2 * 2 * 4) % len(edge)].view(1, 4, 2, 2, 4, 2).to(torch.float64)
+    gradcheck(value, ss, lsi, loc, attn)
+    out, *g = grads(op, value, ss, lsi, loc, attn)
+    out_ref, *g_ref = grads(ms_deform_attn_core_pytorch, value, ss, lsi, loc, attn)
+    torch.testing.assert_close(out, out_ref)
+    for a, b in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_points_exactly_on_pixel_centres():
+    # Power-of-two maps make (i + 0.5) / W exact, so the pixel coordinate is exactly the integer i, where bilinear
+    # interpolation has a kink: finite differences cannot check the location gradient there, so it is compared
+    # with grid_sample's (which takes the upper-right cell, as the kernels do) and gradcheck covers the rest.
+    shapes = ((4, 8), (2, 4))
+    value, ss, lsi, _, attn = make_inputs(N=1, shapes=shapes, Q=6, M=2, D=5, P=2)
+    g = torch.Generator().manual_seed(3)
+    loc = torch.empty(1, 6, 2, 2, 2, 2, dtype=torch.float64)
+    for lvl, (H, W) in enumerate(shapes):
+        loc[..., lvl, :, 0] = (torch.randint(0, W, (1, 6, 2, 2), generator=g) + 0.5) / W
+        loc[..., lvl, :, 1] = (torch.randint(0, H, (1, 6, 2, 2), generator=g) + 0.5) / H
+    gradcheck(value, ss, lsi, loc, attn, wrt=(True, False, True))
+    out, *gr = grads(op, value, ss, lsi, loc, attn)
+    out_ref, *gr_ref = grads(ms_deform_attn_core_pytorch, value, ss, lsi, loc, attn)
+    torch.testing.assert_close(out, out_ref)
+    for a, b in zip(gr, gr_ref, strict=True):
+        torch.testing.assert_close(a, b)
+    # At a pixel centre the sample is the pixel itself.
+    v = value.view(1, -1, 2, 5)
+    x, y = (loc[0, 0, 0, 0, 0] * torch.tensor([8, 4])).floor().long()
+    single = torch.zeros_like(attn)
+    single[0, 0, 0, 0, 0] = 1.0
+    torch.testing.assert_close(op(value, ss, lsi, loc, single)[0, 0, :5], v[0, y * 8 + x, 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_medium_shapes_match_reference(dtype):
+    inputs = make_inputs(N=2, shapes=((24, 31), (12, 16), (6, 8), (3, 4)), Q=300, M=4, D=32, P=4, dtype=dtype)
+    out, *g = grads(op, *inputs)
+    out_ref, *g_ref = grads(ms_deform_attn_core_pytorch, *inputs)
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {}
+    torch.testing.assert_close(out, out_ref, **tol)
+    for a, b in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+    # The gather formulation used as a benchmark baseline agrees too.
+    out_gather, *g_gather = grads(lambda v, ss, lsi, lo, a: ms_deform_attn_gather(v, ss, lo, a), *inputs)
+    torch.testing.assert_close(out_gather, out_ref, **tol)
+    for a, b in zip(g_gather, g_ref, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_backward_is_deterministic_across_runs_and_thread_counts(numba_threads):
+    inputs = make_inputs(N=2, shapes=((20, 30), (10, 15), (5, 8)), Q=400, M=2, D=32, P=4, dtype=torch.float32)
+    results = []
+    for threads in (1, 2, 2, 1):
+        numba_threads(threads)
+        results.append(grads(op, *inputs))
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_computes_in_float32(dtype):
+    inputs = make_inputs(N=2, shapes=((12, 16), (6, 8)), Q=50, M=2, D=16, P=4, dtype=torch.float32)
+    low = [t.to(dtype) if t.is_floating_point() else t for t in inputs]
+    out, *g = grads(op, *low)
+    assert out.dtype == dtype and all(t.dtype == dtype for t in g)
+    # The reference on the same (rounded) inputs, in float32: the only error left is the final rounding.
+    exact = [t.to(torch.float32) if t.is_floating_point() else t for t in low]
+    out_ref, *g_ref = grads(ms_deform_attn_core_pytorch, *exact)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(out.float(), out_ref, atol=4 * eps, rtol=2 * eps)
+    for a, b in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(a.float(), b, atol=8 * eps * b.abs().max().item(), rtol=2 * eps)
+
+
+def test_non_contiguous_inputs():
+    value, ss, lsi, loc, attn = make_inputs(N=2, shapes=((6, 7), (3, 4)), Q=5, M=3, D=4, P=2)
+    # Same values, other strides: value stored [N, M, S, D]; locations stored (y, x)-major; weights transposed.
+    value_nc = value.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    loc_nc = loc.movedim(-1, 0).contiguous().movedim(0, -1)
+    attn_nc = attn.transpose(0, 1).contiguous().transpose(0, 1)
+    ss_nc = torch.stack([ss[:, 0], ss[:, 1]], 1).t().contiguous().t()
+    assert not any(t.is_contiguous() for t in (value_nc, loc_nc, attn_nc, ss_nc))
+    out, *g = grads(op, value_nc, ss_nc, lsi, loc_nc, attn_nc)
+    out_ref, *g_ref = grads(op, value, ss, lsi, loc, attn)
+    assert torch.equal(out, out_ref)
+    for a, b in zip(g, g_ref, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_int32_index_tensors_are_accepted():
+    value, ss, lsi, loc, attn = make_inputs()
+    torch.testing.assert_close(op(value, ss.int(), lsi.int(), loc, attn), op(value, ss, lsi, loc, attn))
+
+
+def test_torch_compile_and_export_see_through_the_op():
+    from xmsda.nn import MSDeformAttn
+
+    torch.manual_seed(0)
+    module = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)
+    ss, lsi = level_tensors(((6, 5), (3, 3)))
+    query = torch.randn(2, 7, 16)
+    ref_points = torch.rand(2, 7, 2, 2)
+    flat = torch.randn(2, 39, 16)
+    eager = module(query, ref_points, flat, ss, lsi)
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    out = compiled(query, ref_points, flat, ss, lsi)
+    torch.testing.assert_close(out, eager)
+    out.sum().backward()
+    grads_compiled = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    eager.sum().backward()
+    for a, p in zip(grads_compiled, module.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad)
+    exported = torch.export.export(module, (query, ref_points, flat, ss, lsi))
+    assert "xmsda.ms_deform_attn" in str(exported.graph)
+    torch.testing.assert_close(exported.module()(query, ref_points, flat, ss, lsi), eager)

@@ -146,7 +146,7 @@ class JobStore:
             cur = self._db.execute(
                 """UPDATE jobs SET status = 'completed', progress = 100, completed_at = ?, report = ?
                    WHERE id = ? AND status = 'in_progress'""",
-                (time.time(), json.dumps(report), job_id),
+                (time.time(), json.dumps(report, default=_json_default), job_id),
             )
         return cur.rowcount == 1
 
@@ -207,6 +207,13 @@ class JobStore:
 
     def _tx(self):
         return _Transaction(self._db)
+
+
+def _json_default(value):
+    """numpy scalars and arrays (and anything else) in a report still serialise."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
 
 
 class _Transaction:

@@ -89,8 +89,12 @@ class Worker:
             self._current = job.id
             try:
                 self._execute(job)
-            except Exception:  # never let one job kill the worker
+            except Exception as exc:  # never let one job kill the worker, nor stay in progress for ever
                 log.exception("worker error", extra={"job_id": job.id})
+                try:
+                    self.store.fail(job.id, "internal_error", f"{type(exc).__name__}: {exc}")
+                except Exception:
+                    log.exception("could not mark the job failed", extra={"job_id": job.id})
             finally:
                 self._current = None
                 self._cancelled.discard(job.id)

@@ -120,3 +120,22 @@ def test_deleting_a_running_job_cancels_it(live_server):
     assert cancelled and cancelled >= 1
     assert not live_server.worker.video_path(video_id).exists()
     assert live_server.store.get(video_id) is None
+
+
+def test_a_failing_generation_fails_the_job_not_the_worker(live_server, monkeypatch):
+    live_server.wait_idle()
+    engine = live_server.worker.engine
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    with live_server.client() as http:
+        monkeypatch.setattr(engine, "generate", broken)
+        failed = _wait(http, http.post("/v1/videos", json={"prompt": "doomed", **TINY_JOB, **TINY_EXTRA}).json()["id"])
+        monkeypatch.undo()
+        assert failed["status"] == "failed" and failed["error"]["code"] == "generation_failed"
+        assert "out of memory (simulated)" in failed["error"]["message"]
+        assert http.get(f"/v1/videos/{failed['id']}/content").status_code == 409
+        fine = _wait(http, http.post("/v1/videos", json={"prompt": "fine", **TINY_JOB, **TINY_EXTRA}).json()["id"])
+        assert fine["status"] == "completed"
+    assert live_server.app.state.metrics.registry.get_sample_value("chorus_jobs_finished_total", {"status": "failed"})

@@ -383,8 +383,11 @@ def serve(
 
     from ..engine import ChorusEngine
 
-    diffusers.utils.logging.disable_progress_bar()  # logs are JSON lines; no progress bars on stderr
-    transformers.utils.logging.disable_progress_bar()
+    for library in (diffusers, transformers):  # every log line JSON: no progress bars, no handlers of their own
+        library.utils.logging.disable_progress_bar()
+        library.utils.logging.disable_default_handler()
+        library.utils.logging.enable_propagation()
+    logging.captureWarnings(True)
     if threads > 0:  # on a shared machine one thread is often faster than several competing ones
         torch.set_num_threads(threads)
     data_dir = Path(data_dir)

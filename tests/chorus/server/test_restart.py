@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -102,4 +103,5 @@ def test_sigkill_mid_job_and_restart_loses_no_accepted_job(tiny_wan_dir, tmp_pat
         assert not [p for p in (data_dir / "videos").iterdir() if p.name.startswith(".")]
     finally:
         second.stop()
-    assert "interrupted job queued again" in log.read_text()
+    lines = log.read_text().splitlines()
+    assert "interrupted job queued again" in [json.loads(line)["message"] for line in lines]  # all JSON lines

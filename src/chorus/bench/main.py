@@ -69,7 +69,15 @@ def run_benchmark(
                 flush=True,
             )
 
-    results = replay.run(trace, policies, runner, num_steps, policy_factory=policy_factory, on_policy=progress)
+    results = replay.run(
+        trace,
+        policies,
+        runner,
+        num_steps,
+        policy_factory=policy_factory,
+        on_policy=progress,
+        progress=settings.progress,
+    )
     run_settings = {
         "trace": str(trace_path),
         "trace_sha256": report.file_digest(trace_path),

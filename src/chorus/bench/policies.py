@@ -22,7 +22,8 @@ MiniLM, under which paraphrases score lower, so the published thresholds reuse l
 
 Intra-request caches are set relative to the schedule (they do nothing on very short ones, which is the point the
 paper makes about 4-step models): TaylorSeer computes the first ~10% of the steps (at least 1) and then every
-`interval`-th step; First-Block-Cache skips the remaining blocks when the first block's residual changed by less
+`interval`-th step (lite mode: the output projection is predicted and the blocks skipped; otherwise only the attention
+modules are predicted); First-Block-Cache skips the remaining blocks when the first block's residual changed by less
 than `threshold`; MagCache skips by accumulated magnitude-ratio error, with ratios measured on one calibration request.
 """
 
@@ -118,7 +119,7 @@ def known_policies() -> list[str]:
 
 DEFAULT_INTRA_OPTIONS = {
     "fbc": {"threshold": 0.05},
-    "taylorseer": {"interval": 3, "warmup_fraction": 0.1, "max_order": 1},
+    "taylorseer": {"interval": 3, "warmup_fraction": 0.1, "max_order": 1, "lite": True},
     "magcache": {"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2},
 }
 
@@ -138,6 +139,7 @@ def intra_cache_config(name: str, num_steps: int, options: dict | None = None, c
             disable_cache_after_step=num_steps - 1,  # the last step is always computed
             max_order=o["max_order"],
             taylor_factors_dtype=torch.float32,
+            use_lite_mode=o["lite"],  # predict the model output from its Taylor series, skipping every block
         )
     if name == "magcache":
         if calibrate is None:

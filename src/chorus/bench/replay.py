@@ -250,6 +250,7 @@ class ServerRunner:
 
     def __init__(self, url: str, settings: BenchSettings, poll_s: float = 0.02, timeout_s: float = 600.0):
         self.url, self.settings, self.poll_s, self.timeout_s = url.rstrip("/"), settings, poll_s, timeout_s
+        self._body: dict | None = None
 
     def _call(self, method: str, path: str, body: dict | None = None) -> bytes:
         data = json.dumps(body).encode() if body is not None else None
@@ -266,10 +267,25 @@ class ServerRunner:
                 f"with --server use {' and '.join(self.POLICIES)}"
             )
 
-    def _one(self, req: TraceRequest, cache_policy: str) -> tuple[dict, np.ndarray]:
-        body = {"prompt": req.prompt, "seed": req.seed, "cache_policy": cache_policy}
+    def _settings_body(self) -> dict:
+        """The bench's generation settings as API fields (frames become `seconds` at the server's frame rate)."""
+        kw, body = self.settings.generate_kwargs, {}
         if self.settings.steps is not None:
             body["steps"] = self.settings.steps
+        if "height" in kw or "width" in kw or "num_frames" in kw:
+            info = json.loads(self._call("GET", "/v1/chorus/info"))
+            w, h = (int(x) for x in info["default_size"].split("x"))
+            body["size"] = f"{kw.get('width', w)}x{kw.get('height', h)}"
+            if "num_frames" in kw:
+                body["seconds"] = str(kw["num_frames"] / info["fps"])
+        if "guidance_scale" in kw:
+            body["guidance_scale"] = kw["guidance_scale"]
+        return body
+
+    def _one(self, req: TraceRequest, cache_policy: str) -> tuple[dict, np.ndarray]:
+        if self._body is None:
+            self._body = self._settings_body()
+        body = {"prompt": req.prompt, "seed": req.seed, "cache_policy": cache_policy, **self._body}
         video = json.loads(self._call("POST", "/v1/videos", body))
         deadline = time.monotonic() + self.timeout_s
         while video["status"] not in ("completed", "failed"):

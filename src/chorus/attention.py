@@ -113,7 +113,8 @@ class ChorusWanAttnProcessor:
         query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         query, key = attn.norm_q(query), attn.norm_k(key)
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
-        if rt.capture_queries and rt.pass_index == 0:
+        # A restricted step has only the masked tokens' queries: no mask of a later hit can be built from them.
+        if rt.capture_queries and rt.pass_index == 0 and not rt.restricted:
             rt.captured[query_name(rt.step, self.layer)] = query.to(rt.capture_dtype).cpu()
         bias = attention_mask
         if rt.text_bias is not None:

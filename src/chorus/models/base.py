@@ -121,10 +121,11 @@ class FlowVideoDiTAdapter:
         return self.tokenizer.convert_ids_to_tokens(ids)
 
     @torch.no_grad()
-    def _encode(self, prompt: str, max_sequence_length: int) -> torch.Tensor:
-        # WanPipeline._get_t5_prompt_embeds: encode padded, cut each row to its length, zero-pad back.
+    def encode_texts(self, texts: list[str], max_sequence_length: int) -> torch.Tensor:
+        """[len(texts), T, C] text hidden states, exactly `WanPipeline._get_t5_prompt_embeds`: encode padded,
+        cut each row to its true length, zero-pad back (also used batched by training)."""
         inputs = self.tokenizer(
-            [prompt_clean(prompt)],
+            [prompt_clean(t) for t in texts],
             padding="max_length",
             max_length=max_sequence_length,
             truncation=True,
@@ -133,16 +134,19 @@ class FlowVideoDiTAdapter:
             return_tensors="pt",
         )
         ids, mask = inputs.input_ids, inputs.attention_mask
-        length = int(mask.gt(0).sum())
-        hidden = self.text_encoder(ids.to(self.device), mask.to(self.device)).last_hidden_state[0, :length]
-        padded = torch.cat([hidden, hidden.new_zeros(max_sequence_length - length, hidden.size(1))])
-        return padded.unsqueeze(0).to(self.dtype)
+        lengths = mask.gt(0).sum(dim=1).tolist()
+        hidden = self.text_encoder(ids.to(self.device), mask.to(self.device)).last_hidden_state
+        rows = [
+            torch.cat([h[:n], h.new_zeros(max_sequence_length - n, h.size(1))])
+            for h, n in zip(hidden, lengths, strict=True)
+        ]
+        return torch.stack(rows).to(self.dtype)
 
     def encode_prompt(
         self, prompt: str, negative_prompt: str | None, guidance_scale: float, max_sequence_length: int
     ) -> PromptEmbeds:
-        cond = self._encode(prompt, max_sequence_length)
-        uncond = self._encode(negative_prompt or "", max_sequence_length) if guidance_scale > 1.0 else None
+        cond = self.encode_texts([prompt], max_sequence_length)
+        uncond = self.encode_texts([negative_prompt or ""], max_sequence_length) if guidance_scale > 1.0 else None
         return PromptEmbeds(cond=cond, uncond=uncond, tokens=self.tokens(prompt))
 
     def initial_latents(self, height: int, width: int, num_frames: int, seed: int) -> torch.Tensor:

@@ -76,9 +76,18 @@ def write_video(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
         data = encode_gif(frames, fps)
     else:
         data = encode_mp4(frames, fps)
+    return atomic_write(path, data)
+
+
+def atomic_write(path: str | Path, data: bytes) -> Path:
+    """Write to a temporary file, fsync, rename: readers see the old file or the whole new one, never a part."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import threading
 import time
 from pathlib import Path
 
-from ..video import encode_mp4, to_uint8
+from ..video import atomic_write, encode_mp4, to_uint8
 
 log = logging.getLogger("chorus.server.worker")
 
@@ -168,18 +167,9 @@ class Worker:
 
         thumb = io.BytesIO()
         Image.fromarray(to_uint8(frames[len(frames) // 2])).save(thumb, format="PNG")
-        _atomic_write(self.thumbnail_path(job_id), thumb.getvalue())
-        _atomic_write(self.video_path(job_id), encode_mp4(frames, self.fps))
+        atomic_write(self.thumbnail_path(job_id), thumb.getvalue())
+        atomic_write(self.video_path(job_id), encode_mp4(frames, self.fps))
 
     def _remove_files(self, job_id: str) -> None:
         self.video_path(job_id).unlink(missing_ok=True)
         self.thumbnail_path(job_id).unlink(missing_ok=True)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

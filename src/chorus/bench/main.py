@@ -92,6 +92,7 @@ def run_benchmark(
         "eviction": settings.eviction,
         "cache_dtype": str(settings.cache_dtype),
         "warmup_requests": settings.warmup,
+        "shared_text_pass": settings.shared_text_pass,
         "closed_loop": True,
         "arrivals": all(r.arrival_s is not None for r in trace),
     }

@@ -18,6 +18,7 @@ from ..regions import MaskConfig
 from ..stage2 import Stage2Config
 from .main import run_benchmark
 from .policies import Policy, make_policy
+from .replay import BenchSettings
 from .report import markdown
 
 S1_DEFAULT = PlannerConfig().stage1
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--nirvana", action="store_true", help="also replay the nirvana baseline")
+    ap.add_argument("--policy", action="append", default=[], help="also replay these named policies")
+    ap.add_argument("--shared-text-pass", action="store_true", help="the proposed engine change (see replay.py)")
     a = ap.parse_args(argv)
     variants: dict[str, Policy] = {}
     for g in a.grid or sorted(GRIDS):
@@ -100,13 +103,14 @@ def main(argv: list[str] | None = None) -> int:
 
     out = run_benchmark(
         a.trace,
-        ["none", *(["nirvana"] if a.nirvana else []), *variants],
+        ["none", *(["nirvana"] if a.nirvana else []), *a.policy, *variants],
         model=a.model,
         steps=a.steps,
         report_path=a.report,
         threads=a.threads or None,
         limit=a.limit,
         policy_factory=factory,
+        settings=BenchSettings(shared_text_pass=a.shared_text_pass),
     )
     print(markdown(out))
     return 0

@@ -174,3 +174,15 @@ def test_a_hit_of_a_hit_replays(make_engine, one_thread):
     assert first.report.k1 == 1 and 2 in first.report.stage2_restricted_steps and first.report.mask_fraction < 1
     second = engine.generate("a blue square moving right on a white background", seed=3, **kw)  # ~0.99 to first
     assert second.report.outcome == "hit" and second.report.k1 == 2 and np.isfinite(second.frames).all()
+
+
+def test_shared_text_pass_embeds_like_the_default_embedder(short_adapter, embedder):
+    import copy
+
+    adapter = copy.copy(short_adapter)
+    shared = replay.SharedTextPass(adapter)
+    shared.install(adapter)
+    prompts = ["a red circle moving left on a white background", "a blue square moving left on a white background"]
+    np.testing.assert_allclose(shared.embed(prompts), embedder.embed(prompts), atol=1e-4)
+    adapter.encode_prompt(prompts[0], None, 1.0, 24)
+    assert len(shared.memo) == 2  # conditioning reused the retrieval pass: no third encoder call

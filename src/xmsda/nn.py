@@ -90,7 +90,11 @@ class MSDeformAttn(nn.Module):
             raise ValueError(
                 f"Last dim of reference_points must be 2 or 4, but get {reference_points.shape[-1]} instead."
             )
-        output = ms_deform_attn(
+        output = self.attend(
             value, input_spatial_shapes, input_level_start_index, sampling_locations, attention_weights
         )
         return self.output_proj(output)
+
+    def attend(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        """The sampling core: the xmsda op (a subclass may substitute another formulation, e.g. to compare)."""
+        return ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)

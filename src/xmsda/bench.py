@@ -1,0 +1,429 @@
+"""Benchmark: the xmsda op against the grid_sample reference and a gather-based PyTorch formulation.
+
+Three variants compute the same function:
+  xmsda        the fused op (`xmsda.ms_deform_attn`)
+  grid_sample  Deformable DETR's / mmcv's reference (`reference.ms_deform_attn_core_pytorch`)
+  gather       corner gathers in stock PyTorch (`reference.ms_deform_attn_gather`)
+
+Phases: `forward` (no autograd), `backward` (the backward pass alone, after an untimed forward with autograd), and
+`train_step` (a whole `MSDeformAttn` module: forward, loss, backward, SGD step). Times are medians over `repeat` runs
+after one warm-up, all variants in one process, interleaved so that load from other processes hits them alike.
+
+Peak memory: each (variant, phase) runs once more in a fresh subprocess that builds the inputs, warms up on a tiny
+problem, reads its resident set size (VmRSS), resets the kernel's high-water mark (`/proc/self/clear_refs`), runs the
+phase and reads the high-water mark (VmHWM). The figure is the growth in resident memory the phase needs beyond its
+inputs: everything it allocates as the OS sees it (allocator caches included). For `backward` the probe runs the
+forward with autograd and the backward, so what the forward saves for the backward counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import numba
+import torch
+
+from .nn import MSDeformAttn
+from .ops import ms_deform_attn
+from .reference import ms_deform_attn_core_pytorch, ms_deform_attn_gather
+
+__all__ = ["PRESETS", "Preset", "run_benchmark"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    image: tuple[int, int]  # (H, W) of the input image
+    strides: tuple[int, ...]  # one feature level per stride
+    batch: int = 2
+    queries: int | None = None  # None: one query per feature position (encoder self-attention)
+    heads: int = 8
+    head_dim: int = 32
+    points: int = 4
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        return [(math.ceil(self.image[0] / s), math.ceil(self.image[1] / s)) for s in self.strides]
+
+    @property
+    def positions(self) -> int:
+        return sum(h * w for h, w in self.shapes)
+
+    @property
+    def num_queries(self) -> int:
+        return self.positions if self.queries is None else self.queries
+
+
+PRESETS = {
+    p.name: p
+    for p in (
+        Preset("detr-encoder", "Deformable DETR encoder, 800x1333, strides 8-64, Q=S", (800, 1333), (8, 16, 32, 64)),
+        Preset("detr-decoder", "Deformable DETR decoder, 300 queries", (800, 1333), (8, 16, 32, 64), queries=300),
+        Preset(
+            "mask2former-pixel-decoder",
+            "Mask2Former pixel decoder, 800x1333, strides 8/16/32, Q=S",
+            (800, 1333),
+            (8, 16, 32),
+        ),
+        Preset("tiny", "a small smoke-test problem", (64, 96), (8, 16), batch=1, heads=2, head_dim=16, points=2),
+    )
+}
+
+VARIANTS: dict[str, Callable] = {
+    "xmsda": ms_deform_attn,
+    "grid_sample": lambda v, ss, lsi, loc, a: ms_deform_attn_core_pytorch(v, ss, loc, a),
+    "gather": lambda v, ss, lsi, loc, a: ms_deform_attn_gather(v, ss, loc, a),
+}
+PHASES = ("forward", "backward", "train_step")
+
+
+def _level_tensors(shapes):
+    spatial_shapes = torch.tensor(shapes, dtype=torch.int64)
+    sizes = spatial_shapes[:, 0] * spatial_shapes[:, 1]
+    return spatial_shapes, torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+
+
+def _reference_points(preset: Preset, g: torch.Generator) -> torch.Tensor:
+    """`[Q, 2]` (x, y): every feature position's own centre for encoder presets, uniform for decoder queries."""
+    if preset.queries is not None:
+        return torch.rand(preset.queries, 2, generator=g)
+    centres = []
+    for h, w in preset.shapes:
+        y, x = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
+        centres.append(torch.stack([x, y], -1).reshape(-1, 2))
+    return torch.cat(centres)
+
+
+def make_op_inputs(preset: Preset, dtype=torch.float32, seed=0):
+    """Op inputs as a trained model produces them: points a few pixels around each query's reference point."""
+    g = torch.Generator().manual_seed(seed)
+    N, Q, M, D, P = preset.batch, preset.num_queries, preset.heads, preset.head_dim, preset.points
+    spatial_shapes, level_start_index = _level_tensors(preset.shapes)
+    L = len(preset.shapes)
+    value = torch.randn(N, preset.positions, M, D, generator=g)
+    pixel = torch.tensor([[1.0 / w, 1.0 / h] for h, w in preset.shapes]).view(1, 1, 1, L, 1, 2)
+    offsets = torch.randn(N, Q, M, L, P, 2, generator=g) * 2.0 * pixel
+    loc = _reference_points(preset, g).view(1, Q, 1, 1, 1, 2) + offsets
+    attn = torch.randn(N, Q, M, L * P, generator=g).softmax(-1).view(N, Q, M, L, P)
+    return [t.to(dtype) if t.is_floating_point() else t for t in (value, spatial_shapes, level_start_index, loc, attn)]
+
+
+class _Module(MSDeformAttn):
+    def __init__(self, preset: Preset, core: Callable):
+        L = len(preset.shapes)
+        super().__init__(preset.heads * preset.head_dim, L, preset.heads, preset.points)
+        self.core = core
+
+    def attend(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        return self.core(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+def make_module_inputs(preset: Preset, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    C = preset.heads * preset.head_dim
+    spatial_shapes, level_start_index = _level_tensors(preset.shapes)
+    L = len(preset.shapes)
+    flat = torch.randn(preset.batch, preset.positions, C, generator=g, dtype=dtype)
+    query = flat if preset.queries is None else torch.randn(preset.batch, preset.queries, C, generator=g, dtype=dtype)
+    ref = _reference_points(preset, g).to(dtype).view(1, -1, 1, 2).expand(preset.batch, -1, L, 2).contiguous()
+    return query, ref, flat, spatial_shapes, level_start_index
+
+
+def _make_module(preset: Preset, variant: str, dtype, seed=0) -> _Module:
+    torch.manual_seed(seed)
+    module = _Module(preset, VARIANTS[variant]).to(dtype)
+    # Mid-training weights: with Deformable DETR's initialisation every point sits exactly on a pixel centre.
+    with torch.no_grad():
+        module.sampling_offsets.weight.normal_(0.0, 0.02)
+        module.attention_weights.weight.normal_(0.0, 0.02)
+    return module
+
+
+def _phase_runner(preset: Preset, variant: str, phase: str, dtype) -> Callable[[], None]:
+    """A closure that runs one phase once (inputs built up front)."""
+    fn = VARIANTS[variant]
+    if phase == "train_step":
+        module = _make_module(preset, variant, dtype)
+        inputs = make_module_inputs(preset, dtype)
+        opt = torch.optim.SGD(module.parameters(), lr=1e-4)
+
+        def train_step():
+            opt.zero_grad(set_to_none=True)
+            module(*inputs).square().mean().backward()
+            opt.step()
+
+        return train_step
+    value, ss, lsi, loc, attn = make_op_inputs(preset, dtype)
+    if phase == "forward":
+
+        def forward():
+            with torch.no_grad():
+                fn(value, ss, lsi, loc, attn)
+
+        return forward
+    leaves = [t.requires_grad_() for t in (value, loc, attn)]
+    grad = torch.randn(preset.batch, preset.num_queries, preset.heads * preset.head_dim, dtype=dtype)
+    state = {}
+
+    def prepare():
+        for t in leaves:
+            t.grad = None
+        state["out"] = fn(value, ss, lsi, loc, attn)
+
+    def backward():
+        state.pop("out").backward(grad)
+
+    backward.prepare = prepare
+    return backward
+
+
+def _time(runner: Callable[[], None]) -> float:
+    prepare = getattr(runner, "prepare", None)
+    if prepare is not None:
+        prepare()
+    t0 = time.perf_counter()
+    runner()
+    return time.perf_counter() - t0
+
+
+def set_threads(threads: int | None) -> int:
+    threads = threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    return threads
+
+
+def _read_status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _memory_child(preset_name: str, variant: str, phase: str, dtype_name: str, threads: int) -> None:
+    """Subprocess entry: print the resident-memory growth (bytes) of one phase run once."""
+    set_threads(threads)
+    dtype = getattr(torch, dtype_name)
+    _time(_phase_runner(PRESETS["tiny"], variant, phase, dtype))  # load kernels, initialise lazy state
+    runner = _phase_runner(PRESETS[preset_name], variant, phase, dtype)
+    baseline = _read_status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    _time(runner)  # for `backward`, this includes the forward with autograd: what it saves is the backward's cost
+    print(json.dumps({"peak_bytes": _read_status("VmHWM") - baseline}))
+
+
+def measure_memory(preset: Preset, variant: str, phase: str, dtype, threads: int) -> int | None:
+    cmd = [sys.executable, "-m", "xmsda.bench", preset.name, variant, phase, str(dtype).split(".")[-1], str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        print(f"memory probe {variant}/{phase} failed: {proc.stderr.strip()[-500:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+def profile_op(preset: Preset, dtype=torch.float32, repeat: int = 5) -> dict[str, float]:
+    """Median seconds of the pieces of one xmsda forward and backward."""
+    from .kernels import cpu
+
+    value, ss, lsi, loc, attn = make_op_inputs(preset, dtype)
+    N, _, M, D = value.shape
+    Q = loc.shape[1]
+    shapes, starts = ss.numpy(), lsi.numpy()
+    vt = value.permute(0, 2, 1, 3).contiguous()
+    out = torch.empty(N, Q, M, D, dtype=dtype)
+    grad_out = torch.randn(N, Q, M, D, dtype=dtype)
+    gv, gl, ga = torch.zeros_like(vt), torch.empty_like(loc), torch.empty_like(attn)
+    pieces = {
+        "value to head-major (copy)": lambda: value.permute(0, 2, 1, 3).contiguous(),
+        "forward kernel": lambda: cpu.forward_kernel(
+            vt.numpy(), shapes, starts, loc.numpy(), attn.numpy(), out.numpy(), 64
+        ),
+        "grad_value zero-fill": lambda: torch.zeros_like(vt),
+        "backward kernel": lambda: (
+            gv.zero_(),
+            cpu.backward_kernel(
+                vt.numpy(),
+                shapes,
+                starts,
+                loc.numpy(),
+                attn.numpy(),
+                grad_out.numpy(),
+                gv.numpy(),
+                gl.numpy(),
+                ga.numpy(),
+            ),
+        ),
+        "grad_value to [N, S, M, D] (copy)": lambda: torch.empty_like(value).copy_(gv.permute(0, 2, 1, 3)),
+    }
+    result = {}
+    for name, fn in pieces.items():
+        fn()
+        result[name] = statistics.median(_time(fn) for _ in range(repeat))
+    return result
+
+
+def profile_train_step(preset: Preset, dtype=torch.float32, top: int = 8) -> list[dict]:
+    """torch.profiler self CPU time of the top ops in one xmsda module training step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = _phase_runner(preset, "xmsda", "train_step", dtype)
+    runner()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        runner()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [
+        {"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / total, "calls": e.count}
+        for e in events[:top]
+    ]
+
+
+def roofline(preset: Preset, seconds: dict[str, float], dtype=torch.float32) -> dict[str, dict[str, float]]:
+    """Lower bounds from compulsory memory traffic and arithmetic, against the measured medians.
+
+    Memory: every tensor the phase must read or write, once (gathered value rows are assumed to hit in cache,
+    which is what the head-major layout is for). Arithmetic: 2 flops per corner per channel for the weighted sum
+    (forward); the backward adds a dot product and an update per corner and channel.
+    """
+    N, Q, M, D, P = preset.batch, preset.num_queries, preset.heads, preset.head_dim, preset.points
+    L, S = len(preset.shapes), preset.positions
+    b = torch.finfo(dtype).bits // 8
+    value = N * S * M * D * b
+    points = N * Q * M * L * P
+    out = N * Q * M * D * b
+    fwd_bytes = 3 * value + 3 * points * b + out  # value read + head-major copy (r/w); loc, attn; out
+    bwd_bytes = 3 * value + 3 * points * b + out + 3 * value + 3 * points * b  # + grad_value zero/rw/copy, grads
+    fwd_flops = points * 4 * D * 2
+    bwd_flops = points * 4 * D * 4
+    return {
+        "forward": {"bytes": fwd_bytes, "flops": fwd_flops, "seconds": seconds.get("forward", float("nan"))},
+        "backward": {"bytes": bwd_bytes, "flops": bwd_flops, "seconds": seconds.get("backward", float("nan"))},
+    }
+
+
+def machine_limits(threads: int) -> dict[str, float]:
+    """Measured streaming bandwidth (bytes/s) and float32 matmul throughput (flop/s) with `threads` threads."""
+    x = torch.empty(64 * 2**20 // 4).normal_()
+    y = torch.empty_like(x)
+    y.copy_(x)
+    copy = min(_time(lambda: y.copy_(x)) for _ in range(5))
+    a = torch.randn(1024, 1024)
+    a @ a
+    mm = min(_time(lambda: a @ a) for _ in range(5))
+    return {"copy_bytes_per_s": 2 * x.numel() * 4 / copy, "matmul_flop_per_s": 2 * 1024**3 / mm, "threads": threads}
+
+
+def run_benchmark(
+    preset: Preset,
+    threads: int | None = None,
+    repeat: int = 5,
+    variants=tuple(VARIANTS),
+    phases=PHASES,
+    dtype=torch.float32,
+    memory: bool = True,
+    profile: bool = True,
+    log=print,
+) -> dict:
+    threads = set_threads(threads)
+    result = {
+        "preset": dataclasses.asdict(preset)
+        | {"shapes": preset.shapes, "S": preset.positions, "Q": preset.num_queries},
+        "dtype": str(dtype).split(".")[-1],
+        "threads": threads,
+        "repeat": repeat,
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "numba": numba.__version__,
+            "numba_threading_layer": None,
+        },
+        "phases": {},
+    }
+    for phase in phases:
+        runners = {v: _phase_runner(preset, v, phase, dtype) for v in variants}
+        times = {v: [] for v in variants}
+        for r in runners.values():
+            _time(r)  # warm-up
+        for i in range(repeat):
+            for v, r in runners.items():  # interleaved, so that outside load hits every variant alike
+                times[v].append(_time(r))
+            log(f"{phase} {i + 1}/{repeat}: " + ", ".join(f"{v} {times[v][-1]:.3f}s" for v in variants))
+        del runners
+        entry = {v: {"median_s": statistics.median(t), "times_s": t} for v, t in times.items()}
+        if memory:
+            for v in variants:
+                entry[v]["peak_bytes"] = measure_memory(preset, v, phase, dtype, threads)
+        if "grid_sample" in entry:
+            for v in variants:
+                entry[v]["speedup_vs_grid_sample"] = entry["grid_sample"]["median_s"] / entry[v]["median_s"]
+        result["phases"][phase] = entry
+    result["machine"]["numba_threading_layer"] = numba.threading_layer()
+    if profile and "xmsda" in variants:
+        result["profile"] = {
+            "op_pieces_s": profile_op(preset, dtype),
+            "train_step_top_ops": profile_train_step(preset, dtype),
+        }
+        medians = {p: result["phases"][p]["xmsda"]["median_s"] for p in ("forward", "backward") if p in phases}
+        result["roofline"] = roofline(preset, medians, dtype)
+        result["machine"]["limits"] = machine_limits(threads)
+    return result
+
+
+def format_report(result: dict) -> str:
+    p = result["preset"]
+    lines = [
+        f"preset {p['name']}: N={p['batch']} S={p['S']} Q={p['Q']} M={p['heads']} D={p['head_dim']} "
+        f"L={len(p['shapes'])} P={p['points']} levels={p['shapes']}",
+        f"dtype {result['dtype']}, {result['threads']} threads, median of {result['repeat']} runs "
+        f"(numba threading layer {result['machine']['numba_threading_layer']})",
+        "",
+        f"{'phase':<11} {'variant':<12} {'median':>10} {'vs grid_sample':>15} {'peak memory':>12}",
+    ]
+    for phase, entry in result["phases"].items():
+        for v, e in entry.items():
+            peak = e.get("peak_bytes")
+            peak_s = "n/a" if peak is None else f"{peak / 2**20:.0f} MiB"
+            ratio = e.get("speedup_vs_grid_sample")
+            ratio_s = "" if ratio is None else f"{ratio:.1f}x"
+            lines.append(f"{phase:<11} {v:<12} {e['median_s'] * 1e3:>8.1f}ms {ratio_s:>15} {peak_s:>12}")
+    prof = result.get("profile")
+    if prof:
+        lines += ["", "xmsda op, where the time goes (median):"]
+        lines += [f"  {name:<36} {s * 1e3:8.1f} ms" for name, s in prof["op_pieces_s"].items()]
+        lines += ["", "xmsda module training step, top ops by self CPU time (torch.profiler):"]
+        lines += [
+            f"  {e['op']:<36} {e['self_s'] * 1e3:8.1f} ms {e['share'] * 100:5.1f}%  x{e['calls']}"
+            for e in prof["train_step_top_ops"]
+        ]
+    roof = result.get("roofline")
+    if roof:
+        lim = result["machine"]["limits"]
+        bw, fl = lim["copy_bytes_per_s"], lim["matmul_flop_per_s"]
+        lines += [
+            "",
+            f"machine (measured, {lim['threads']} threads): copy {bw / 1e9:.1f} GB/s, matmul {fl / 1e9:.0f} GFLOP/s",
+        ]
+        for phase, r in roof.items():
+            bound = max(r["bytes"] / bw, r["flops"] / fl)
+            lines.append(
+                f"  {phase:<9} {r['bytes'] / 1e6:7.0f} MB compulsory, {r['flops'] / 1e9:5.2f} GFLOP: bound "
+                f"{bound * 1e3:6.1f} ms, measured {r['seconds'] * 1e3:7.1f} ms ({r['seconds'] / bound:4.1f}x the bound)"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    _memory_child(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))

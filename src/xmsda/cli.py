@@ -1,0 +1,70 @@
+"""`xmsda` command line: `xmsda bench [--preset NAME] [--threads T] [--json FILE]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _bench(args) -> int:
+    import torch
+
+    from .bench import PHASES, PRESETS, VARIANTS, format_report, run_benchmark
+
+    variants = tuple(args.variants.split(","))
+    phases = tuple(args.phases.split(","))
+    for name, chosen, known in (("--variants", variants, VARIANTS), ("--phases", phases, PHASES)):
+        unknown = [c for c in chosen if c not in known]
+        if unknown:
+            print(f"xmsda bench: error: {name}: unknown {unknown}; choose from {list(known)}", file=sys.stderr)
+            return 2
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if not args.quiet else (lambda *a: None)
+    result = run_benchmark(
+        PRESETS[args.preset],
+        threads=args.threads,
+        repeat=args.repeat,
+        variants=variants,
+        phases=phases,
+        dtype=getattr(torch, args.dtype),
+        memory=not args.no_memory,
+        profile=not args.no_profile,
+        log=log,
+    )
+    print(format_report(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def main(argv=None) -> int:
+    from .bench import PRESETS
+
+    parser = argparse.ArgumentParser(prog="xmsda", description="Fast multi-scale deformable attention.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser(
+        "bench",
+        help="time the xmsda op against the grid_sample reference and a gather formulation",
+        description="; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()),
+    )
+    bench.add_argument("--preset", choices=sorted(PRESETS), default="detr-encoder")
+    bench.add_argument("--threads", type=int, default=None, help="torch and numba threads (default: all cores)")
+    bench.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
+    bench.add_argument("--repeat", type=int, default=5, help="timed runs per variant and phase (median reported)")
+    bench.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"], default="float32")
+    bench.add_argument("--variants", default="xmsda,grid_sample,gather", help="comma-separated subset")
+    bench.add_argument("--phases", default="forward,backward,train_step", help="comma-separated subset")
+    bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    bench.add_argument("--no-profile", action="store_true", help="skip the profile and roofline estimate")
+    bench.add_argument("--quiet", action="store_true", help="no per-run progress on stderr")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
+    return _bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

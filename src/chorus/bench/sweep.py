@@ -68,12 +68,13 @@ GRIDS: dict[str, dict[str, Policy]] = {
         "fbc-0.05": _intra("fbc", threshold=0.05),
         "fbc-0.15": _intra("fbc", threshold=0.15),
         "fbc-0.3": _intra("fbc", threshold=0.3),
-        "taylorseer-attn-3": _intra("taylorseer", interval=3, lite=False),
+        "taylorseer-lite-2": _intra("taylorseer", interval=2, lite=True),
         "taylorseer-lite-3": _intra("taylorseer", interval=3, lite=True),
         "taylorseer-lite-5": _intra("taylorseer", interval=5, lite=True),
         "magcache-0.06": _intra("magcache", threshold=0.06),
         "magcache-0.12": _intra("magcache", threshold=0.12),
         "magcache-0.12-k5": _intra("magcache", threshold=0.12, max_skip_steps=5),
+        "magcache-0.03": _intra("magcache", threshold=0.03),
     },
 }
 

@@ -234,38 +234,27 @@ def measure_memory(preset: Preset, variant: str, phase: str, dtype, threads: int
 
 
 def profile_op(preset: Preset, dtype=torch.float32, repeat: int = 5) -> dict[str, float]:
-    """Median seconds of the pieces of one xmsda forward and backward."""
+    """Median seconds of one xmsda forward and backward: the whole op calls and the kernels inside them."""
     from .kernels import cpu
 
     value, ss, lsi, loc, attn = make_op_inputs(preset, dtype)
     N, _, M, D = value.shape
     Q = loc.shape[1]
-    shapes, starts = ss.numpy(), lsi.numpy()
-    vt = value.permute(0, 2, 1, 3).contiguous()
+    args = (value.numpy(), ss.numpy(), lsi.numpy(), loc.numpy(), attn.numpy())
     out = torch.empty(N, Q, M, D, dtype=dtype)
     grad_out = torch.randn(N, Q, M, D, dtype=dtype)
-    gv, gl, ga = torch.zeros_like(vt), torch.empty_like(loc), torch.empty_like(attn)
+    gv, gl, ga = torch.zeros_like(value), torch.empty_like(loc), torch.empty_like(attn)
+    backward_op = torch.ops.xmsda.ms_deform_attn_backward
     pieces = {
-        "value to head-major (copy)": lambda: value.permute(0, 2, 1, 3).contiguous(),
-        "forward kernel": lambda: cpu.forward_kernel(
-            vt.numpy(), shapes, starts, loc.numpy(), attn.numpy(), out.numpy(), 64
+        "forward op (torch.ops.xmsda.ms_deform_attn)": lambda: torch.ops.xmsda.ms_deform_attn(
+            value, ss, lsi, loc, attn
         ),
-        "grad_value zero-fill": lambda: torch.zeros_like(vt),
-        "backward kernel": lambda: (
-            gv.zero_(),
-            cpu.backward_kernel(
-                vt.numpy(),
-                shapes,
-                starts,
-                loc.numpy(),
-                attn.numpy(),
-                grad_out.numpy(),
-                gv.numpy(),
-                gl.numpy(),
-                ga.numpy(),
-            ),
+        "  forward kernel": lambda: cpu.forward_kernel(*args, out.numpy(), 64),
+        "backward op (xmsda.ms_deform_attn_backward)": lambda: backward_op(
+            grad_out.view(N, Q, -1), value, ss, lsi, loc, attn
         ),
-        "grad_value to [N, S, M, D] (copy)": lambda: torch.empty_like(value).copy_(gv.permute(0, 2, 1, 3)),
+        "  grad_value zero-fill": lambda: torch.zeros_like(value),
+        "  backward kernel": lambda: cpu.backward_kernel(*args, grad_out.numpy(), gv.numpy(), gl.numpy(), ga.numpy()),
     }
     result = {}
     for name, fn in pieces.items():

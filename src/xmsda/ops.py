@@ -145,12 +145,9 @@ def _ms_deform_attn_op(
         return ms_deform_attn_core_pytorch(value, shapes.tolist(), sampling_locations, attention_weights)
     N, _, M, D = value.shape
     ct = _compute_dtype(value.dtype)
-    # Head-major copy: [N, S, M, D] -> [N, M, S, D] (see kernels/cpu.py for why).
-    value_nmsd = value.detach().permute(0, 2, 1, 3).to(ct).contiguous()
-    loc = sampling_locations.detach().to(ct).contiguous()
-    attn = attention_weights.detach().to(ct).contiguous()
+    v, loc, attn = (t.detach().to(ct).contiguous() for t in (value, sampling_locations, attention_weights))
     out = torch.empty(N, loc.shape[1], M, D, dtype=ct)
-    cpu_kernels.forward_kernel(value_nmsd.numpy(), shapes, starts, loc.numpy(), attn.numpy(), out.numpy(), 64)
+    cpu_kernels.forward_kernel(v.numpy(), shapes, starts, loc.numpy(), attn.numpy(), out.numpy(), 64)
     return out.view(N, loc.shape[1], M * D).to(value.dtype)
 
 
@@ -179,15 +176,13 @@ def _ms_deform_attn_backward_op(
     N, _, M, D = value.shape
     Q = sampling_locations.shape[1]
     ct = _compute_dtype(value.dtype)
-    value_nmsd = value.detach().permute(0, 2, 1, 3).to(ct).contiguous()
-    loc = sampling_locations.detach().to(ct).contiguous()
-    attn = attention_weights.detach().to(ct).contiguous()
+    v, loc, attn = (t.detach().to(ct).contiguous() for t in (value, sampling_locations, attention_weights))
     grad_out = grad_output.detach().reshape(N, Q, M, D).to(ct).contiguous()
-    grad_value = torch.zeros_like(value_nmsd)
+    grad_value = torch.zeros_like(v)
     grad_loc = torch.empty_like(loc)
     grad_attn = torch.empty_like(attn)
     cpu_kernels.backward_kernel(
-        value_nmsd.numpy(),
+        v.numpy(),
         shapes,
         starts,
         loc.numpy(),
@@ -197,11 +192,7 @@ def _ms_deform_attn_backward_op(
         grad_loc.numpy(),
         grad_attn.numpy(),
     )
-    return (
-        torch.empty(value.shape, dtype=value.dtype).copy_(grad_value.permute(0, 2, 1, 3)),
-        grad_loc.to(sampling_locations.dtype),
-        grad_attn.to(attention_weights.dtype),
-    )
+    return grad_value.to(value.dtype), grad_loc.to(sampling_locations.dtype), grad_attn.to(attention_weights.dtype)
 
 
 @_ms_deform_attn_backward_op.register_fake

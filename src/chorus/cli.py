@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--cache-dir", type=Path, default=Path(".chorus/cache"), help="persistent cache directory")
     gen.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
-    gen.add_argument("--embedder", default="minilm", help="minilm, text-encoder, clip:PATH or st:PATH")
+    gen.add_argument("--embedder", default="auto", help="auto, minilm, text-encoder, clip:PATH or st:PATH")
     gen.add_argument("--out", type=Path, default=Path("out.mp4"), help=".mp4, .gif or .npy")
     gen.add_argument("--fps", type=int, default=8)
     gen.add_argument("--json", action="store_true", help="print the generation report as JSON")
@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=64, help="queued jobs at most; more are refused with 429")
     srv.add_argument("--fps", type=int, default=8, help="frame rate of the videos; maps `seconds` to frames")
     srv.add_argument("--cache-gb", type=float, default=4.0, help="disk budget of the request cache")
-    srv.add_argument("--embedder", default="minilm", help="minilm, text-encoder, clip:PATH or st:PATH")
+    srv.add_argument("--embedder", default="auto", help="auto, minilm, text-encoder, clip:PATH or st:PATH")
     srv.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     srv.set_defaults(func=_serve)
 

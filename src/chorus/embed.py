@@ -49,7 +49,11 @@ class SentenceTransformerEmbedder:
 
 
 class TextEncoderEmbedder:
-    """The pipeline's own text encoder, mean-pooled over the prompt's tokens: no second model in memory."""
+    """The pipeline's own text encoder, mean-pooled over the prompt's tokens.
+
+    It reads the same (memoised) hidden states the transformer is conditioned on, so retrieval costs no encoder
+    pass of its own. For the built-in model, whose encoder is all-MiniLM-L6-v2, this is the sentence-transformers
+    embedding (mean pooling, unit length) up to the conditioning's token limit."""
 
     def __init__(self, adapter):
         self.adapter = adapter
@@ -59,13 +63,13 @@ class TextEncoderEmbedder:
     def dim(self) -> int:
         return int(self.adapter.text_encoder.config.hidden_size)
 
-    @torch.no_grad()
     def embed(self, texts: list[str]) -> np.ndarray:
-        tok = self.adapter.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
-        mask = tok.attention_mask.to(self.adapter.device)
-        hidden = self.adapter.text_encoder(tok.input_ids.to(self.adapter.device), mask).last_hidden_state
-        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        return _normalise(pooled.float().cpu().numpy())
+        max_len = self.adapter.defaults.max_sequence_length
+        rows = []
+        for text in texts:
+            hidden = self.adapter.encode_texts([text], max_len)[0].float()
+            rows.append(hidden[: self.adapter.token_count(text, max_len)].mean(0))
+        return _normalise(torch.stack(rows).cpu().numpy())
 
 
 class CLIPTextEmbedder:
@@ -86,8 +90,13 @@ class CLIPTextEmbedder:
         return _normalise(self.model(**tok).text_embeds.float().cpu().numpy())
 
 
-def make_embedder(spec: str = "minilm", adapter=None) -> Embedder:
-    """`minilm` (default), `text-encoder` (the adapter's), `clip:PATH`, or `st:PATH` (any sentence-transformers)."""
+def make_embedder(spec: str = "auto", adapter=None) -> Embedder:
+    """`auto` (default), `minilm`, `text-encoder` (the adapter's), `clip:PATH`, or `st:PATH` (sentence-transformers).
+
+    `auto` is `text-encoder` when the model's text encoder is MiniLM itself (one encoder pass serves retrieval and
+    conditioning, with the same vectors), else `minilm`."""
+    if spec == "auto":
+        spec = "text-encoder" if adapter is not None and getattr(adapter, "text_encoder_is_minilm", False) else "minilm"
     if spec == "minilm":
         return SentenceTransformerEmbedder()
     if spec == "text-encoder":

@@ -105,7 +105,7 @@ class ChorusEngine:
         if intra_cache is not None:
             adapter.transformer.enable_cache(intra_cache)
         self.cache = cache
-        self.embedder = embedder or (make_embedder("minilm") if cache is not None else None)
+        self.embedder = embedder or (make_embedder("auto", adapter) if cache is not None else None)
         self.planner = planner or Planner()
         stage2 = stage2 or Stage2Config()
         # Stage 2 installs Chorus's attention processors; without a cache there is nothing to reuse.
@@ -124,7 +124,7 @@ class ChorusEngine:
         use_cache: bool = True,
         cache_bytes: int = 4 << 30,
         eviction: str = "benefit",
-        embedder: str = "minilm",
+        embedder: str = "auto",
         planner: PlannerConfig | None = None,
         cache_dtype: torch.dtype = torch.float16,
         stage2: Stage2Config | None = None,

@@ -17,11 +17,27 @@ def test_minilm_embeddings_are_unit_vectors_and_rank_near_duplicates_first(embed
     assert sims[0, 1] > 0.95 > sims[0, 2]
 
 
-def test_pipeline_text_encoder_embedder(tiny_adapter):
+def test_pipeline_text_encoder_embedder_shares_the_conditioning_pass(tiny_adapter, embedder):
+    # The tiny pipeline's text encoder is MiniLM: pooling its conditioning states gives the sentence embedding.
     emb = TextEncoderEmbedder(tiny_adapter)
-    vectors = emb.embed(["a red circle", "a red circle moving left on a white background"])
+    texts = ["a red circle", "a crimson ball drifting leftward on a white background"]
+    vectors = emb.embed(texts)
     assert vectors.shape == (2, emb.dim) == (2, 384)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose((vectors * embedder.embed(texts)).sum(1), 1.0, atol=1e-5)
+
+    passes = []
+    handle = tiny_adapter.text_encoder.register_forward_pre_hook(lambda *a: passes.append(1))
+    try:
+        prompt = "a green triangle sliding to the right"
+        emb.embed([prompt])
+        conditioning = tiny_adapter.encode_prompt(prompt, None, 1.0, tiny_adapter.defaults.max_sequence_length)
+    finally:
+        handle.remove()
+    assert len(passes) == 1  # one encoder pass served retrieval and conditioning
+    assert torch.equal(
+        conditioning.cond, tiny_adapter.encode_texts([prompt], tiny_adapter.defaults.max_sequence_length)
+    )
 
 
 def test_clip_text_embedder_from_a_local_directory(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -52,6 +53,7 @@ class FlowVideoDiTAdapter:
         codec,
         defaults: ModelDefaults,
         device: str | torch.device = "cpu",
+        text_encoder_is_minilm: bool = False,
     ):
         self.name = name
         self.transformer = transformer.eval()
@@ -62,6 +64,10 @@ class FlowVideoDiTAdapter:
         self.codec = codec
         self.defaults = defaults
         self.device = torch.device(device)
+        self.text_encoder_is_minilm = text_encoder_is_minilm  # the retrieval embedder's model: share its pass
+        self.text_memo_bytes = 64 << 20
+        self._text_memo: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
+        self._text_memo_bytes = 0
 
     # ---- description ------------------------------------------------------------------------------------
 
@@ -116,14 +122,38 @@ class FlowVideoDiTAdapter:
         """A fresh scheduler per request: schedulers carry per-run state (step index, multistep history)."""
         return self.scheduler_class.from_config(self.scheduler_config)
 
+    def token_count(self, prompt: str, max_sequence_length: int) -> int:
+        """How many encoder tokens (specials included) of the prompt the model sees."""
+        ids = self.tokenizer(prompt_clean(prompt), truncation=True, max_length=max_sequence_length)["input_ids"]
+        return len(ids)
+
     def tokens(self, prompt: str) -> list[str]:
         ids = self.tokenizer(prompt_clean(prompt), add_special_tokens=True)["input_ids"]
         return self.tokenizer.convert_ids_to_tokens(ids)
 
-    @torch.no_grad()
     def encode_texts(self, texts: list[str], max_sequence_length: int) -> torch.Tensor:
         """[len(texts), T, C] text hidden states, exactly `WanPipeline._get_t5_prompt_embeds`: encode padded,
-        cut each row to its true length, zero-pad back (also used batched by training)."""
+        cut each row to its true length, zero-pad back (also used batched by training).
+
+        Single prompts are memoised (byte-bounded LRU): a request's prompt is encoded once for retrieval and
+        conditioning, and stage 2's source prompt and repeated negative prompts cost nothing."""
+        if len(texts) != 1:
+            return self._encode_texts(texts, max_sequence_length)
+        key = (texts[0], max_sequence_length)
+        hit = self._text_memo.get(key)
+        if hit is not None:
+            self._text_memo.move_to_end(key)
+            return hit
+        encoded = self._encode_texts(texts, max_sequence_length)
+        self._text_memo[key] = encoded
+        self._text_memo_bytes += encoded.numel() * encoded.element_size()
+        while self._text_memo_bytes > self.text_memo_bytes and len(self._text_memo) > 1:
+            _, old = self._text_memo.popitem(last=False)
+            self._text_memo_bytes -= old.numel() * old.element_size()
+        return encoded
+
+    @torch.no_grad()
+    def _encode_texts(self, texts: list[str], max_sequence_length: int) -> torch.Tensor:
         inputs = self.tokenizer(
             [prompt_clean(t) for t in texts],
             padding="max_length",

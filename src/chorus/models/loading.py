@@ -83,6 +83,7 @@ def _load_builtin_format(path: Path, name: str, device: str, dtype: torch.dtype)
         codec=PixelCodec(),
         defaults=defaults,
         device=device,
+        text_encoder_is_minilm=True,
     )
 
 

@@ -135,4 +135,21 @@ def markdown(report: dict, *, with_context: bool = True) -> str:
         "Δ against `none`. PSNR: against the same request under `none` (identical = 100). Saved steps: stage-1 "
         "steps plus the stage-2 work not done, as a share of all steps."
     )
-    return "\n\n".join([intro, "\n".join(lines), notes])
+    return "\n\n".join([intro, "\n".join(lines), notes, "Per request kind:", by_kind(report)])
+
+
+def by_kind(report: dict) -> str:
+    """Alignment (points) and hit rate per request kind: where reuse helps and where it costs."""
+    policies = report["policies"]
+    kinds = sorted({r["kind"] for p in policies.values() for r in p.get("per_request", [])})
+    lines = ["| policy | " + " | ".join(f"{k}: align / hit" for k in kinds) + " |", "|" + "---|" * (len(kinds) + 1)]
+    for name, p in policies.items():
+        cells = []
+        for k in kinds:
+            rows = [r for r in p.get("per_request", []) if r["kind"] == k]
+            scored = [r["alignment"] for r in rows if r["alignment"] is not None]
+            align = sum(scored) / len(scored) if scored else None
+            hits = sum(r["outcome"] in ("hit", "exact") for r in rows) / len(rows) if rows else 0.0
+            cells.append(f"{_fmt(align, '.1f')} / {hits:.0%} (n={len(rows)})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -74,6 +74,10 @@ def check_inputs(value, spatial_shapes, level_start_index, sampling_locations, a
         raise _shape_error("attention_weights", f"[N, Q, M, L, P] = {list(expected[:5])}", attention_weights)
     if D > cpu_kernels.MAX_CHANNELS:
         raise _shape_error("value", f"[N, S, M, D] with D <= {cpu_kernels.MAX_CHANNELS}", value)
+    if 2 * L * P > cpu_kernels.MAX_CHANNELS:
+        raise _shape_error(
+            "sampling_locations", f"[N, Q, M, L, P, 2] with L*P <= {cpu_kernels.MAX_CHANNELS // 2}", sampling_locations
+        )
     for name in _FLOAT_INPUTS:
         if not args[name].is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {args[name].dtype}")

@@ -62,5 +62,18 @@ def test_invalid_inputs_raise(override, error, match):
 
 def test_too_many_channels():
     _, ss, lsi, loc, attn = make_inputs(N=1, shapes=((2, 2),), Q=1, M=1, D=4, P=1)
-    with pytest.raises(ValueError, match=r"D <= 1024"):
-        xmsda.ms_deform_attn(torch.zeros(1, 4, 1, 1025, dtype=torch.float64), ss, lsi, loc, attn)
+    with pytest.raises(ValueError, match=r"D <= 512"):
+        xmsda.ms_deform_attn(torch.zeros(1, 4, 1, 513, dtype=torch.float64), ss, lsi, loc, attn)
+
+
+def test_too_many_points_per_query():
+    _, ss, lsi, _, _ = make_inputs(N=1, shapes=((2, 2),), Q=1, M=1, D=4, P=1)
+    value = torch.zeros(1, 4, 1, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"L\*P <= 256"):
+        xmsda.ms_deform_attn(
+            value,
+            ss,
+            lsi,
+            torch.zeros(1, 1, 1, 1, 257, 2, dtype=torch.float64),
+            torch.zeros(1, 1, 1, 1, 257, dtype=torch.float64),
+        )

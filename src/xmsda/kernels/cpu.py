@@ -35,8 +35,9 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-# Largest channel count per head the kernels accept (size of the per-thread stack accumulators).
-MAX_CHANNELS = 1024
+# Size of the per-thread stack buffers: bounds the channels per head (two accumulators of D) and L*P*2.
+MAX_CHANNELS = 512
+_STACK = 2 * MAX_CHANNELS
 
 # FMA contraction, and reassociation so that the per-corner channel dot products of the backward vectorise.
 # No 'nnan'/'ninf': non-finite inputs must propagate as they do in grid_sample.
@@ -58,7 +59,7 @@ def _stack_alloca(typingctx, size, dtype):
 
 @numba.njit(inline="always")
 def _stack_buffer(dtype):
-    return numba.carray(_stack_alloca(MAX_CHANNELS, dtype), MAX_CHANNELS)
+    return numba.carray(_stack_alloca(_STACK, dtype), _STACK)
 
 
 @intrinsic
@@ -132,7 +133,7 @@ def forward_kernel(value, shapes, starts, loc, attn, out, qblock):
         for q in range(q_begin, min(Q, q_begin + qblock)):
             for m in range(M):
                 _cells(loc5, n, q, m, 0, half_size, limit, one, frac, cell)
-                for d in range(D):
+                for d in range(2 * D):
                     acc[d] = 0
                 for j in range(K):
                     w0 = cell[2 * j]
@@ -150,9 +151,11 @@ def forward_kernel(value, shapes, starts, loc, attn, out, qblock):
                     c4 = a * lh * lw
                     r1 = offsets[j] + h0 * W + w0
                     r3 = r1 + W
+                    # Even and odd points accumulate separately: two independent FMA chains through the stack.
+                    o = (j % 2) * D
                     if h0 >= 0 and w0 >= 0 and h0 < H - 1 and w0 < W - 1:
                         for d in range(D):
-                            acc[d] += (
+                            acc[o + d] += (
                                 c1 * value[n, r1, m, d]
                                 + c2 * value[n, r1 + 1, m, d]
                                 + c3 * value[n, r3, m, d]
@@ -162,18 +165,18 @@ def forward_kernel(value, shapes, starts, loc, attn, out, qblock):
                     top, bottom, left, right = h0 >= 0, h0 < H - 1, w0 >= 0, w0 < W - 1
                     if top and left:
                         for d in range(D):
-                            acc[d] += c1 * value[n, r1, m, d]
+                            acc[o + d] += c1 * value[n, r1, m, d]
                     if top and right:
                         for d in range(D):
-                            acc[d] += c2 * value[n, r1 + 1, m, d]
+                            acc[o + d] += c2 * value[n, r1 + 1, m, d]
                     if bottom and left:
                         for d in range(D):
-                            acc[d] += c3 * value[n, r3, m, d]
+                            acc[o + d] += c3 * value[n, r3, m, d]
                     if bottom and right:
                         for d in range(D):
-                            acc[d] += c4 * value[n, r3 + 1, m, d]
+                            acc[o + d] += c4 * value[n, r3 + 1, m, d]
                 for d in range(D):
-                    out[n, q, m, d] = acc[d]
+                    out[n, q, m, d] = acc[d] + acc[D + d]
 
 
 @numba.njit(**_JIT)

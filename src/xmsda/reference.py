@@ -37,34 +37,33 @@ def ms_deform_attn_core_pytorch(value, value_spatial_shapes, sampling_locations,
 
 
 def ms_deform_attn_gather(value, value_spatial_shapes, sampling_locations, attention_weights):
-    """Bilinear sampling by gathering the four corners of every point from a head-major copy of `value`.
+    """Bilinear sampling by gathering the four corners of every point as rows of a `[N*M*S, D]` table.
 
-    Corners outside the map get weight zero and a clamped (valid) index, which is what zero padding means.
+    Corners outside the map get weight zero and a clamped (valid) row, which is what zero padding means. The
+    attention weight is folded into the corner weight, so each corner is one gather and one weighted sum.
     """
     N, S, M, D = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
     shapes = torch.as_tensor(value_spatial_shapes, device=value.device).long().reshape(L, 2)
     starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
-    H = shapes[:, 0].to(value.dtype).view(L, 1)
-    W = shapes[:, 1].to(value.dtype).view(L, 1)
-    # N, Q, M, L, P -> N, M, L, Q*P
-    x = sampling_locations[..., 0].permute(0, 2, 3, 1, 4).reshape(N, M, L, Q * P) * W - 0.5
-    y = sampling_locations[..., 1].permute(0, 2, 3, 1, 4).reshape(N, M, L, Q * P) * H - 0.5
+    Hi, Wi = shapes[:, 0].view(1, 1, L, 1), shapes[:, 1].view(1, 1, L, 1)
+    # N, Q, M, L, P -> N, M, Q, L, P -> N*M, Q, L, P (one row of the table per (n, m) head)
+    loc = sampling_locations.transpose(1, 2).reshape(N * M, Q, L, P, 2)
+    attn = attention_weights.transpose(1, 2).reshape(N * M, Q, L, P)
+    x = loc[..., 0] * Wi.to(value.dtype) - 0.5
+    y = loc[..., 1] * Hi.to(value.dtype) - 0.5
     x0, y0 = x.floor(), y.floor()
     fx, fy = x - x0, y - y0
     x0, y0 = x0.long(), y0.long()
-    Hi, Wi = shapes[:, 0].view(L, 1), shapes[:, 1].view(L, 1)
-    heads = value.permute(0, 2, 1, 3).reshape(N * M, S, D)
-    sampled = value.new_zeros(N * M, L * Q * P, D)
+    table = value.transpose(1, 2).reshape(N * M * S, D)
+    head_row = (torch.arange(N * M, device=value.device) * S).view(N * M, 1, 1, 1) + starts.view(1, 1, L, 1)
+    out = value.new_zeros(N * M, Q, D)
     for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):
         xi, yi = x0 + dx, y0 + dy
-        weight = (fx if dx else 1 - fx) * (fy if dy else 1 - fy)
+        weight = (fx if dx else 1 - fx) * (fy if dy else 1 - fy) * attn
         inside = (xi >= 0) & (xi < Wi) & (yi >= 0) & (yi < Hi)
-        index = starts.view(L, 1) + yi.clamp(min=0) * Wi + xi.clamp(min=0)
-        index = torch.where(inside, index, 0).reshape(N * M, L * Q * P, 1).expand(-1, -1, D)
-        weight = torch.where(inside, weight, 0).reshape(N * M, L * Q * P, 1)
-        sampled = sampled + weight * heads.gather(1, index)
-    # N*M, L, Q, P, D weighted by attention and summed over levels and points -> N, Q, M*D
-    attn = attention_weights.permute(0, 2, 3, 1, 4).reshape(N * M, L, Q, P, 1)
-    out = (sampled.view(N * M, L, Q, P, D) * attn).sum(dim=(1, 3))
-    return out.view(N, M, Q, D).permute(0, 2, 1, 3).reshape(N, Q, M * D)
+        row = torch.where(inside, head_row + yi * Wi + xi, 0)
+        weight = torch.where(inside, weight, 0)
+        corner = table.index_select(0, row.reshape(-1)).view(N * M, Q, L * P, D)
+        out = out + torch.einsum("bqkd,bqk->bqd", corner, weight.view(N * M, Q, L * P))
+    return out.view(N, M, Q, D).transpose(1, 2).reshape(N, Q, M * D)

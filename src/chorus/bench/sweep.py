@@ -60,6 +60,7 @@ GRIDS: dict[str, dict[str, Policy]] = {
         "alpha2": _variant(alpha=2.0),
         "alpha4": _variant(alpha=4.0),
         "tight-mask": _variant(mask={"dilate": 0, "temporal_window": 0}),
+        "dilated-mask": _variant(mask={"dilate": 1, "temporal_window": 1}),  # the default before the sweep
         "tight-alpha1": _variant(alpha=1.0, mask={"dilate": 0, "temporal_window": 0}),
         "tight-alpha4": _variant(alpha=4.0, mask={"dilate": 0, "temporal_window": 0}),
         "strict-tight": _variant(S1_STRICT, S2_DEFAULT[:3], mask={"dilate": 0, "temporal_window": 0}),

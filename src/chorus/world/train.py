@@ -42,6 +42,7 @@ class ModelConfig:
     freq_dim: int = 64
     text_dim: int = 384
     rope_max_seq_len: int = 64
+    identity_init: bool = False  # start as "output = input" (see `identity_init`); off in the shipped recipe
 
 
 @dataclass
@@ -66,7 +67,7 @@ class TrainConfig:
 def build_transformer(cfg: ModelConfig):
     from diffusers import WanTransformer3DModel
 
-    return WanTransformer3DModel(
+    model = WanTransformer3DModel(
         patch_size=tuple(cfg.patch_size),
         num_attention_heads=cfg.num_attention_heads,
         attention_head_dim=cfg.attention_head_dim,
@@ -80,6 +81,49 @@ def build_transformer(cfg: ModelConfig):
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=cfg.rope_max_seq_len,
     )
+    if cfg.identity_init:
+        identity_init(model)
+    return model
+
+
+@torch.no_grad()
+def identity_init(model, a: float = 0.1, c: float = 1.0) -> None:
+    """Initialise a pixel-space Wan DiT so that its output equals its input (up to a ~1% error).
+
+    A pixel-space velocity model must reproduce the noise in its input almost exactly; through a patch embedding,
+    per-token LayerNorms and a random-init stack this takes very long to learn (per-patch offsets survive as
+    blocky noise in few-step samples). So, as adaLN-Zero does for DiT blocks: the patch embedding copies the
+    patch into the first channels (scale `a`) and puts constants +-c in the others (so the final LayerNorm is
+    almost linear and keeps the patch mean); block output projections, the time embedding's last layer and the
+    output modulation start at zero; `proj_out` inverts the final LayerNorm. Training then learns only the
+    difference between velocity and input."""
+    cfg = model.config
+    dim = cfg.num_attention_heads * cfg.attention_head_dim
+    pt, ph, pw = cfg.patch_size
+    n = cfg.in_channels * pt * ph * pw
+    if cfg.in_channels != cfg.out_channels or n > dim:
+        raise ValueError("identity_init needs in_channels == out_channels and patch size <= hidden size")
+    emb = model.patch_embedding
+    emb.weight.zero_()
+    emb.weight.view(dim, n)[:, :].copy_(torch.cat([a * torch.eye(n), torch.zeros(dim - n, n)]))
+    emb.bias.zero_()
+    emb.bias[n:] = c * torch.tensor([(-1.0) ** i for i in range(dim - n)])
+    for block in model.blocks:
+        for layer in (block.attn1.to_out[0], block.attn2.to_out[0], block.ffn.net[-1]):
+            layer.weight.zero_()
+            layer.bias.zero_()
+    model.condition_embedder.time_embedder.linear_2.weight.zero_()
+    model.condition_embedder.time_embedder.linear_2.bias.zero_()
+    model.scale_shift_table.zero_()
+    # LayerNorm of [a p, +-c]: first n channels a (p - sum(p)/dim) / std, std ~ sqrt((n a^2 + (dim - n) c^2) / dim)
+    std = math.sqrt((n * a * a + (dim - n) * c * c) / dim)
+    u = 1.0 / dim
+    inverse = (std / a) * (torch.eye(n) + u / (1 - n * u) * torch.ones(n, n))  # (I - u 11^T)^-1 on R^n
+    # patch embedding order is (c, t, h, w); proj_out's is (t, h, w, c) (WanTransformer3DModel's unpatchify)
+    order = torch.arange(n).view(cfg.in_channels, pt, ph, pw).permute(1, 2, 3, 0).reshape(-1)
+    model.proj_out.weight.zero_()
+    model.proj_out.weight[:, :n] = inverse[order]
+    model.proj_out.bias.zero_()
 
 
 def build_scheduler(shift: float):
@@ -340,12 +384,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--pool-size", type=int, default=TrainConfig.pool_size)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--identity-init", action="store_true", help="start the DiT as output = input (experimental)")
     p.add_argument("--budget-minutes", type=float, default=0.0, help="total training time over all resumes")
     p.add_argument("--minutes", type=float, default=None, help="stop this call after this many minutes")
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--export", default=None, help="after training, write the model directory here")
     a = p.parse_args(argv)
     cfg = TrainConfig(
+        model=ModelConfig(identity_init=a.identity_init),
         seed=a.seed,
         batch_size=a.batch_size,
         lr=a.lr,

@@ -55,3 +55,12 @@ def test_train_resume_and_export(tmp_path):
     assert adapter.transformer.config.in_channels == 3 and adapter.transformer.config.text_dim == 384
     latents = adapter.initial_latents(32, 32, 8, seed=0)
     assert latents.shape == (1, 3, 8, 32, 32)
+
+
+def test_identity_init_makes_the_model_pass_its_input_through():
+    torch.manual_seed(0)
+    model = train.build_transformer(train.ModelConfig(num_layers=1, identity_init=True)).eval()
+    x = torch.randn(1, 3, 8, 32, 32)
+    with torch.no_grad():
+        out = model(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=torch.randn(1, 40, 384))[0]
+    assert (out - x).pow(2).mean() < 1e-3 * x.pow(2).mean()

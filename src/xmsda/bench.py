@@ -282,9 +282,9 @@ def profile_train_step(preset: Preset, dtype=torch.float32, top: int = 8) -> lis
 def roofline(preset: Preset, seconds: dict[str, float], dtype=torch.float32) -> dict[str, dict[str, float]]:
     """Lower bounds from compulsory memory traffic and arithmetic, against the measured medians.
 
-    Memory: every tensor the phase must read or write, once (gathered value rows are assumed to hit in cache,
-    which is what the head-major layout is for). Arithmetic: 2 flops per corner per channel for the weighted sum
-    (forward); the backward adds a dot product and an update per corner and channel.
+    Memory: every tensor the phase must read or write, once (gathered value rows are assumed to hit in cache);
+    the backward zero-fills the value gradient and then reads and writes it. Arithmetic: 2 flops per corner per
+    channel for the weighted sum (forward); the backward adds a dot product and an update per corner and channel.
     """
     N, Q, M, D, P = preset.batch, preset.num_queries, preset.heads, preset.head_dim, preset.points
     L, S = len(preset.shapes), preset.positions
@@ -292,8 +292,8 @@ def roofline(preset: Preset, seconds: dict[str, float], dtype=torch.float32) -> 
     value = N * S * M * D * b
     points = N * Q * M * L * P
     out = N * Q * M * D * b
-    fwd_bytes = 3 * value + 3 * points * b + out  # value read + head-major copy (r/w); loc, attn; out
-    bwd_bytes = 3 * value + 3 * points * b + out + 3 * value + 3 * points * b  # + grad_value zero/rw/copy, grads
+    fwd_bytes = value + 3 * points * b + out  # value; locations (x, y) and weights; output
+    bwd_bytes = value + 3 * value + out + 3 * points * b + 3 * points * b  # + grad_value, grad_out, their grads
     fwd_flops = points * 4 * D * 2
     bwd_flops = points * 4 * D * 4
     return {

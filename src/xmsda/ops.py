@@ -143,6 +143,8 @@ def _ms_deform_attn_op(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
+    # Checked here too: callers of torch.ops.xmsda.* skip the wrapper, and the kernels trust these bounds.
+    check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     shapes, starts = _levels(value, spatial_shapes, level_start_index)
     if value.device.type != "cpu":
         _warn_reference(value.device)
@@ -170,6 +172,10 @@ def _ms_deform_attn_backward_op(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    N, _, M, D = value.shape
+    if tuple(grad_output.shape) != (N, sampling_locations.shape[1], M * D):
+        raise _shape_error("grad_output", f"[N, Q, M*D] = {[N, sampling_locations.shape[1], M * D]}", grad_output)
     shapes, starts = _levels(value, spatial_shapes, level_start_index)
     if value.device.type != "cpu":
         _warn_reference(value.device)
@@ -177,7 +183,6 @@ def _ms_deform_attn_backward_op(
         with torch.enable_grad():
             out = ms_deform_attn_core_pytorch(inputs[0], shapes.tolist(), inputs[1], inputs[2])
         return torch.autograd.grad(out, inputs, grad_output)
-    N, _, M, D = value.shape
     Q = sampling_locations.shape[1]
     ct = _compute_dtype(value.dtype)
     v, loc, attn = (t.detach().to(ct).contiguous() for t in (value, sampling_locations, attention_weights))

@@ -77,3 +77,11 @@ def test_too_many_points_per_query():
             torch.zeros(1, 1, 1, 1, 257, 2, dtype=torch.float64),
             torch.zeros(1, 1, 1, 1, 257, dtype=torch.float64),
         )
+
+
+def test_the_registered_ops_check_their_inputs_too():
+    value, ss, lsi, loc, attn = make_inputs(N=1, shapes=((2, 2),), Q=1, M=1, D=4, P=1)
+    with pytest.raises(ValueError, match="sampling_locations must have shape"):
+        torch.ops.xmsda.ms_deform_attn(value, ss, lsi, loc[..., :1], attn)
+    with pytest.raises(ValueError, match=r"grad_output must have shape \[N, Q, M\*D\]"):
+        torch.ops.xmsda.ms_deform_attn_backward(torch.zeros(1, 1, 5, dtype=value.dtype), value, ss, lsi, loc, attn)

@@ -278,20 +278,3 @@ def backward_kernel(value, shapes, starts, loc, attn, grad_out, grad_value, grad
                     )
                     grad_loc[n, q, m, lvl, p, 0] = a * t(W) * ((one - lh) * (s2 - s1) + lh * (s4 - s3))
                     grad_loc[n, q, m, lvl, p, 1] = a * t(H) * ((one - lw) * (s3 - s1) + lw * (s4 - s2))
-
-
-def forward(value, shapes, starts, loc, attn, qblock=64):
-    """All arrays C-contiguous, shaped as in the op (value `[N, S, M, D]`). Returns `[N, Q, M, D]`."""
-    N, _, M, D = value.shape
-    out = np.empty((N, loc.shape[1], M, D), dtype=value.dtype)
-    forward_kernel(value, shapes, starts, loc, attn, out, qblock)
-    return out
-
-
-def backward(value, shapes, starts, loc, attn, grad_out):
-    """grad_out `[N, Q, M, D]`. Returns (grad_value, grad_loc, grad_attn)."""
-    grad_value = np.zeros_like(value)
-    grad_loc = np.empty_like(loc)
-    grad_attn = np.empty_like(attn)
-    backward_kernel(value, shapes, starts, loc, attn, grad_out, grad_value, grad_loc, grad_attn)
-    return grad_value, grad_loc, grad_attn

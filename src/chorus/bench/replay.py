@@ -402,19 +402,25 @@ def replay_interleaved(
     policies: list[Policy], trace: list[TraceRequest], runner, reference: list | None, progress: bool = True
 ) -> tuple[dict[str, list[RequestRecord]], list]:
     """Serve request i under every policy before request i + 1, so that a machine whose speed drifts (a shared CPU)
-    slows all policies alike. Returns the records per policy and, when `none` is among them, its frames."""
+    slows all policies alike; the policy that goes first rotates from one request to the next, so that no policy
+    always runs right after the benchmark's own scoring or another policy's model. Returns the records per policy
+    and, when `none` is among them, its frames."""
     records: dict[str, list[RequestRecord]] = {p.name: [] for p in policies}
     none_frames: list = []
     with ExitStack() as stack:
         sessions = [(p, stack.enter_context(runner.session(p))) for p in policies]
         for i, req in enumerate(tqdm(trace, desc="replay", disable=not progress, leave=False)):
-            for policy, serve in sessions:
+            served = {}
+            for k in range(len(sessions)):
+                policy, serve = sessions[(i + k) % len(sessions)]
                 t0 = time.perf_counter()
                 report, frames = serve(req)
-                service = time.perf_counter() - t0
-                if policy.name == "none":
-                    none_frames.append(frames)
-                ref = reference[i] if reference is not None else none_frames[i] if none_frames else None
+                served[policy.name] = (report, frames, time.perf_counter() - t0)
+            if "none" in served:
+                none_frames.append(served["none"][1])
+            ref = reference[i] if reference is not None else none_frames[i] if none_frames else None
+            for policy, _ in sessions:  # scored after the round, outside every timing
+                report, frames, service = served[policy.name]
                 records[policy.name].append(_record(i, req, report, service, frames, ref))
     return records, none_frames
 

@@ -67,6 +67,8 @@ GRIDS: dict[str, dict[str, Policy]] = {
         "high-threshold": _variant(mask={"threshold": 0.7}),
         "no-mask-cap": _variant(planner={"full_stage2_mask": 0.9, "no_stage2_mask": 1.0}),
     },
+    # controls: policies that do exactly what `none` does, to see what the measurement itself does
+    "control": {"none-b": Policy("none-b"), "none-c": Policy("none-c")},
     # intra-request caches on their own (for long schedules)
     "intra": {
         "fbc-0.05": _intra("fbc", threshold=0.05),

@@ -144,7 +144,11 @@ def card(cfg: TrainConfig) -> dict:
         "default_steps": 4,
         "guidance_scale": 1.0,
         "negative_prompt": "",
-        "steps_modes": {"4": {"transformer": "transformer", "shift": cfg.shift}, "50": {"transformer": "transformer"}},
+        # one transformer and one scheduler serve both modes (no distilled 4-step weights)
+        "steps_modes": {
+            "4": {"transformer": "transformer", "shift": cfg.shift},
+            "50": {"transformer": "transformer", "shift": cfg.shift},
+        },
     }
 
 

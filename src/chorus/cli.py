@@ -126,9 +126,7 @@ def _bench(args) -> int:
     from .bench.replay import BenchSettings
 
     sizes = {"height": args.height, "width": args.width, "num_frames": args.frames, "guidance_scale": args.guidance}
-    settings = BenchSettings(
-        generate_kwargs={k: v for k, v in sizes.items() if v is not None}, shared_text_pass=args.shared_text_pass
-    )
+    settings = BenchSettings(generate_kwargs={k: v for k, v in sizes.items() if v is not None})
     try:
         out = run_benchmark(
             args.trace,
@@ -219,11 +217,6 @@ def build_parser() -> argparse.ArgumentParser:
     bch.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     bch.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
     bch.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
-    bch.add_argument(
-        "--shared-text-pass",
-        action="store_true",
-        help="measure a proposed engine change: one text-encoder pass per prompt for retrieval and conditioning",
-    )
     bch.set_defaults(func=_bench)
     return parser
 

@@ -36,7 +36,8 @@ def run_benchmark(
     log=sys.stderr,
 ) -> dict:
     """Replay the trace under each policy; returns the report (also written to `report_path`, plotted to
-    `plots_dir`). `adapter`/`embedder` skip loading (tests pass the tiny pipeline's)."""
+    `plots_dir`). `adapter` skips loading (tests pass the tiny pipeline's); `embedder` replaces the engine's default
+    retrieval embedder."""
     for name in policies:
         policy_factory(name)  # unknown names fail before anything is loaded
     if threads:
@@ -52,11 +53,9 @@ def run_benchmark(
             runner.check(policy_factory(name))
         num_steps, model_name = settings.steps, f"server {server}"
     else:
-        from ..embed import make_embedder
         from ..models import load_adapter
 
         adapter = adapter if adapter is not None else load_adapter(model)
-        embedder = embedder if embedder is not None else make_embedder("minilm", adapter)
         runner = replay.InProcessRunner(adapter, embedder, settings)
         num_steps, model_name = runner.steps, model if isinstance(model, str) else str(model)
 
@@ -92,10 +91,11 @@ def run_benchmark(
         "eviction": settings.eviction,
         "cache_dtype": str(settings.cache_dtype),
         "warmup_requests": settings.warmup,
-        "shared_text_pass": settings.shared_text_pass,
         "closed_loop": True,
         "arrivals": all(r.arrival_s is not None for r in trace),
     }
+    if server is None:
+        run_settings["embedder"] = embedder.name if embedder is not None else "auto"
     if server is None and hasattr(runner.adapter, "identity"):
         run_settings["model_identity"] = runner.adapter.identity()
     out = report.build_report(results, run_settings, machine_info)

@@ -61,10 +61,6 @@ class BenchSettings:
     warmup: int = 1
     intra_options: dict[str, dict] = field(default_factory=dict)
     progress: bool = True
-    # A proposed engine change, measured here (off by default, and reported in the settings when on): one text-encoder
-    # pass per prompt serves both retrieval (its mean-pooled hidden states) and conditioning, and prompt encodings
-    # are memoised, so stage 2's re-encoding of the source prompt is free. See SharedTextPass.
-    shared_text_pass: bool = False
 
 
 @dataclass
@@ -167,47 +163,11 @@ def choose_best_intra(results: dict[str, dict]) -> str | None:
     return max(intra, key=lambda n: intra[n]["alignment"] or 0)
 
 
-class SharedTextPass:
-    """Memoises an adapter's `encode_texts` and embeds prompts by mean-pooling those same hidden states.
-
-    The pipeline's text encoder here is all-MiniLM-L6-v2, the model the default embedder runs through
-    sentence-transformers, so the pooled vector is that embedding (up to the 40-token truncation and
-    `prompt_clean`): the planner's thresholds keep their meaning while one encoder pass per prompt is saved."""
-
-    def __init__(self, adapter, maxsize: int = 4096):
-        self.adapter, self.maxsize = adapter, maxsize
-        self.memo: dict[tuple, torch.Tensor] = {}
-        self._encode = adapter.encode_texts
-        self.name = "shared-text-pass"
-
-    def install(self, adapter) -> None:
-        adapter.encode_texts = self.encode_texts
-
-    def encode_texts(self, texts: list[str], max_sequence_length: int) -> torch.Tensor:
-        key = (tuple(texts), max_sequence_length)
-        if key not in self.memo:
-            if len(self.memo) >= self.maxsize:
-                self.memo.pop(next(iter(self.memo)))
-            self.memo[key] = self._encode(list(texts), max_sequence_length)
-        return self.memo[key]
-
-    @property
-    def dim(self) -> int:
-        return int(self.adapter.text_encoder.config.hidden_size)
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        rows = []
-        for text in texts:
-            hidden = self.encode_texts([text], self.adapter.defaults.max_sequence_length)[0].float()
-            used = hidden.abs().sum(-1) > 0
-            pooled = hidden[used].mean(0) if used.any() else hidden.mean(0)
-            rows.append(pooled / pooled.norm().clamp_min(1e-12))
-        return torch.stack(rows).cpu().numpy()
-
-
 class InProcessRunner:
-    """Each policy gets its own engine over its own copy of the transformer (text encoder, codec and embedder are
-    shared and stateless), so policies can be interleaved request by request."""
+    """Each policy gets its own engine over its own copy of the transformer and its own prompt-encoding memo (text
+    encoder and codec are shared and stateless), so policies can be interleaved request by request without one
+    policy's work making another's free. The retrieval embedder is the engine's default (`auto`: the pipeline's
+    own encoder pass when it is MiniLM) unless one is given."""
 
     def __init__(self, adapter, embedder, settings: BenchSettings):
         self.adapter, self.embedder, self.settings = adapter, embedder, settings
@@ -237,6 +197,9 @@ class InProcessRunner:
     def _clone(self):
         adapter = copy.copy(self.adapter)
         adapter.transformer = copy.deepcopy(self.adapter.transformer)
+        if hasattr(adapter, "_text_memo"):  # the memo of prompt encodings must not be shared between policies
+            adapter._text_memo = type(adapter._text_memo)()
+            adapter._text_memo_bytes = 0
         return adapter
 
     def _generate(self, engine, prompt: str, seed: int, cache_policy: str):
@@ -253,10 +216,10 @@ class InProcessRunner:
         if policy.intra is not None:
             options = {**self.settings.intra_options.get(policy.intra, {}), **policy.intra_options}
             intra = intra_cache_config(policy.intra, self.steps, options, self._calibrate)
-        adapter, embedder = self._clone(), self.embedder
-        if self.settings.shared_text_pass:
-            embedder = SharedTextPass(adapter)
-            embedder.install(adapter)
+        from ..embed import make_embedder
+
+        adapter = self._clone()
+        embedder = self.embedder if self.embedder is not None else make_embedder("auto", adapter)
         cache = None
         if policy.cache:
             store = MemoryStore(self.settings.cache_bytes, make_eviction(self.settings.eviction))

@@ -18,7 +18,6 @@ from ..regions import MaskConfig
 from ..stage2 import Stage2Config
 from .main import run_benchmark
 from .policies import Policy, make_policy
-from .replay import BenchSettings
 from .report import markdown
 
 S1_DEFAULT = PlannerConfig().stage1
@@ -97,7 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--nirvana", action="store_true", help="also replay the nirvana baseline")
     ap.add_argument("--policy", action="append", default=[], help="also replay these named policies")
-    ap.add_argument("--shared-text-pass", action="store_true", help="the proposed engine change (see replay.py)")
     a = ap.parse_args(argv)
     variants: dict[str, Policy] = {}
     for g in a.grid or sorted(GRIDS):
@@ -117,7 +115,6 @@ def main(argv: list[str] | None = None) -> int:
         threads=a.threads or None,
         limit=a.limit,
         policy_factory=factory,
-        settings=BenchSettings(shared_text_pass=a.shared_text_pass),
     )
     print(markdown(out))
     return 0

@@ -173,31 +173,6 @@ def make_adapter(transformer, cfg: TrainConfig):
     return adapter
 
 
-@torch.no_grad()
-def encode(adapter, texts: list[str], max_sequence_length: int) -> torch.Tensor:
-    """`adapter.encode_prompt(t).cond` for a batch of prompts in one encoder call (the same WanPipeline recipe,
-    batched as `WanPipeline._get_t5_prompt_embeds` does; a test checks it equals the adapter's, row by row)."""
-    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
-
-    inputs = adapter.tokenizer(
-        [prompt_clean(t) for t in texts],
-        padding="max_length",
-        max_length=max_sequence_length,
-        truncation=True,
-        add_special_tokens=True,
-        return_attention_mask=True,
-        return_tensors="pt",
-    )
-    ids, mask = inputs.input_ids, inputs.attention_mask
-    lengths = mask.gt(0).sum(dim=1).tolist()
-    hidden = adapter.text_encoder(ids, mask).last_hidden_state
-    rows = [
-        torch.cat([h[:n], h.new_zeros(max_sequence_length - n, h.size(1))])
-        for h, n in zip(hidden, lengths, strict=True)
-    ]
-    return torch.stack(rows).to(adapter.dtype)
-
-
 def few_step_sigmas(shift: float, steps: int = 4) -> list[float]:
     """The sigmas a `steps`-step Euler run visits (the last, near-zero one excluded)."""
     sched = build_scheduler(shift)
@@ -214,9 +189,9 @@ class Pool:
         texts = [t for _, t in self.items]
         chunks = []
         for i in tqdm(range(0, len(texts), 64), desc="encoding prompts", disable=not progress, leave=False):
-            chunks.append(encode(adapter, texts[i : i + 64], cfg.max_sequence_length).half())
+            chunks.append(adapter.encode_texts(texts[i : i + 64], cfg.max_sequence_length).half())
         self.embeds = torch.cat(chunks)
-        self.null = encode(adapter, [""], cfg.max_sequence_length)[0]
+        self.null = adapter.encode_texts([""], cfg.max_sequence_length)[0]
 
 
 def sample_batch(pool: Pool, cfg: TrainConfig, rng: np.random.Generator, sigmas4: list[float]):

@@ -21,7 +21,7 @@ def test_batched_encoding_matches_the_adapter():
     adapter = train.make_adapter(train.build_transformer(cfg.model), cfg)
     rng = np.random.default_rng(0)
     texts = [prompts.training_prompt(rng)[1] for _ in range(3)] + [""]
-    batched = train.encode(adapter, texts, cfg.max_sequence_length)
+    batched = adapter.encode_texts(texts, cfg.max_sequence_length)
     one_by_one = torch.cat([adapter.encode_prompt(t, None, 1.0, cfg.max_sequence_length).cond for t in texts])
     torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
 

@@ -30,6 +30,11 @@ class ModelDefaults:
     max_sequence_length: int = 512
 
 
+# What the transformer outputs: "flow" the velocity `noise - x0` (Wan), "sample" the clean latents x0 (the built-in
+# pixel model: a small model learns clean images far more easily than pixel noise, see its model card).
+PREDICTION_TYPES = ("flow", "sample")
+
+
 @dataclass
 class PromptEmbeds:
     """Text conditioning for one request: [1, T, C] hidden states, plus the negative ones under CFG."""
@@ -54,6 +59,7 @@ class FlowVideoDiTAdapter:
         defaults: ModelDefaults,
         device: str | torch.device = "cpu",
         text_encoder_is_minilm: bool = False,
+        prediction_type: str = "flow",
     ):
         self.name = name
         self.transformer = transformer.eval()
@@ -65,6 +71,9 @@ class FlowVideoDiTAdapter:
         self.defaults = defaults
         self.device = torch.device(device)
         self.text_encoder_is_minilm = text_encoder_is_minilm  # the retrieval embedder's model: share its pass
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type {prediction_type!r}: expected one of {PREDICTION_TYPES}")
+        self.prediction_type = prediction_type
         self.text_memo_bytes = 64 << 20
         self._text_memo: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
         self._text_memo_bytes = 0
@@ -82,7 +91,11 @@ class FlowVideoDiTAdapter:
     def identity(self) -> dict:
         """What makes two adapters produce the same latents: part of every cache signature."""
         blob = json.dumps(
-            {"transformer": dict(self.transformer.config), "codec": type(self.codec).__name__},
+            {
+                "transformer": dict(self.transformer.config),
+                "codec": type(self.codec).__name__,
+                "prediction_type": self.prediction_type,
+            },
             sort_keys=True,
             default=str,
         )
@@ -197,29 +210,29 @@ class FlowVideoDiTAdapter:
         num_steps: int,
         attention_kwargs: dict | None = None,
     ) -> torch.Tensor:
-        """One denoising prediction: a transformer call (two under classifier-free guidance)."""
+        """One denoising prediction, as the velocity the scheduler steps with: a transformer call (two under
+        classifier-free guidance)."""
         model_input = latents.to(self.dtype)
         timestep = t.expand(latents.shape[0])
         context = {"step_index": step_index, "sigma": sigma, "num_inference_steps": num_steps}
-        with self.transformer.cache_context("cond", **context):
-            noise = self.transformer(
-                hidden_states=model_input,
-                timestep=timestep,
-                encoder_hidden_states=embeds.cond,
-                attention_kwargs=attention_kwargs,
-                return_dict=False,
-            )[0]
-        if embeds.uncond is not None:
-            with self.transformer.cache_context("uncond", **context):
-                noise_uncond = self.transformer(
+
+        def call(branch: str, text: torch.Tensor) -> torch.Tensor:
+            with self.transformer.cache_context(branch, **context):
+                return self.transformer(
                     hidden_states=model_input,
                     timestep=timestep,
-                    encoder_hidden_states=embeds.uncond,
+                    encoder_hidden_states=text,
                     attention_kwargs=attention_kwargs,
                     return_dict=False,
                 )[0]
-            noise = noise_uncond + guidance_scale * (noise - noise_uncond)
-        return noise
+
+        output = call("cond", embeds.cond)
+        if embeds.uncond is not None:
+            output_uncond = call("uncond", embeds.uncond)
+            output = output_uncond + guidance_scale * (output - output_uncond)
+        if self.prediction_type == "sample":  # x0 -> velocity; stable down to the last step (see Euler's update)
+            output = (latents - output.float()) / sigma
+        return output
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents -> frames [F, H, W, 3] float32 in [0, 1] (batch of one)."""

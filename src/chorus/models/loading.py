@@ -84,6 +84,7 @@ def _load_builtin_format(path: Path, name: str, device: str, dtype: torch.dtype)
         defaults=defaults,
         device=device,
         text_encoder_is_minilm=True,
+        prediction_type=card.get("prediction_type", "flow"),
     )
 
 

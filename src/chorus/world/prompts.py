@@ -90,10 +90,16 @@ class PromptSpec:
     background: str
     objects: tuple[ObjectPrompt, ...]
 
+    def _object_specs(self) -> list[dict]:
+        return [{"shape": o.shape, "colour": o.colour, "motion": o.motion, "size_word": o.size} for o in self.objects]
+
     def layout(self, rng: np.random.Generator, max_tries: int = 200) -> scenes.Scene:
         """A random scene that shows exactly this spec."""
-        objs = [{"shape": o.shape, "colour": o.colour, "motion": o.motion, "size_word": o.size} for o in self.objects]
-        return scenes.layout(rng, self.background, objs, max_tries=max_tries)
+        return scenes.layout(rng, self.background, self._object_specs(), max_tries=max_tries)
+
+    def noise_layout(self, noise: np.ndarray) -> scenes.Scene | None:
+        """The scene this spec shows when generation starts from `noise` (see `scenes.noise_layout`)."""
+        return scenes.noise_layout(self.background, self._object_specs(), noise)
 
 
 def is_heldout_object(o: ObjectPrompt) -> bool:

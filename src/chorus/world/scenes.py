@@ -7,6 +7,7 @@ renders the same on every machine and the analyzer can be checked against exact 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -182,3 +183,43 @@ def layout(
         if all(_boxes_apart(a, b, num_frames) for i, a in enumerate(placed) for b in placed[i + 1 :]):
             return Scene(background, tuple(placed), height, width, num_frames)
     raise ValueError(f"could not place {objects} apart in {max_tries} tries")
+
+
+def noise_layout(background: str, objects: list[dict], noise: np.ndarray, grid: int = 4) -> Scene | None:
+    """The scene a given starting noise `[3, F, H, W]` leads to: layout as a deterministic function of the noise.
+
+    Why: a flow model's first prediction from pure noise is the mean over every layout it could be (a smear),
+    so few-step samples of a model trained on independently drawn layouts show no objects. Tying each training
+    clip's layout to its noise makes the noise -> video map a function, so paths are straight and few steps
+    suffice; different seeds still give different positions and sizes. The tie is one a small RoPE transformer
+    (no absolute positions) can learn: objects start on a `grid`-pixel lattice (the model's patch), and object i
+    starts at the cell whose noise in channel i, frames 0-1 (the first temporal patch), sums highest among the
+    cells that keep it in frame and apart from the objects placed before it: one patch's own sum, then an
+    argmax. Sizes left open follow a global statistic of channel 2 (a standard normal mapped through its CDF).
+    Returns None when the objects cannot be placed apart."""
+    _, num_frames, height, width = noise.shape
+    cell_sums = noise[:, :2].sum(1).reshape(3, height // grid, grid, width // grid, grid).sum((2, 4))
+    placed: list[SceneObject] = []
+    for i, spec in enumerate(objects):
+        size = spec.get("size")
+        if size is None:
+            lo, hi = SIZES[spec["size_word"]] if spec.get("size_word") else (MIN_SIZE, MAX_SIZE)
+            half = noise[2, i * num_frames // 2 : (i + 1) * num_frames // 2]
+            u = 0.5 * (1 + math.erf(float(half.sum()) / math.sqrt(2 * half.size)))
+            size = min(hi, lo + int(u * (hi - lo + 1)))
+        xlo, xhi = _start_range(spec["motion"], size, width, 0, num_frames)
+        ylo, yhi = _start_range(spec["motion"], size, height, 1, num_frames)
+        rows = np.arange(-(-ylo // grid), yhi // grid + 1)
+        cols = np.arange(-(-xlo // grid), xhi // grid + 1)
+        scores = cell_sums[i % 3][np.ix_(rows, cols)]
+        for flat in np.argsort(scores, axis=None, kind="stable")[::-1]:
+            r, c = np.unravel_index(flat, scores.shape)
+            obj = SceneObject(
+                spec["shape"], spec["colour"], spec["motion"], size, int(cols[c] * grid), int(rows[r] * grid)
+            )
+            if all(_boxes_apart(obj, other, num_frames) for other in placed):
+                placed.append(obj)
+                break
+        else:
+            return None
+    return Scene(background, tuple(placed), height, width, num_frames)

@@ -1,15 +1,18 @@
 """Train the built-in model: a small Wan DiT that denoises the world's clips in pixel space by flow matching.
 
-    python -m chorus.world.train --run runs/builtin [--minutes 100] [--resume] [--export src/chorus/weights/builtin]
+    python -m chorus.world.train --run runs/builtin [--budget-minutes 95] [--resume] [--export src/chorus/weights/builtin]
 
 Every step draws a batch of training prompts from a fixed pool (wordings and attribute combinations of the
-training split only, see `prompts`), lays each out at a fresh random position and size, renders it, and regresses
-the flow-matching velocity `noise - x0` at `x_t = (1 - sigma) x0 + sigma noise`. Half of the sigmas are uniform,
-half are the sigmas the 4-step sampler visits, so the few-step mode is trained where it is used. Text conditioning
-is the adapter's own `encode_prompt` (the WanPipeline recipe on MiniLM), so training and serving see the same
-embeddings. The run directory holds `config.json`, `loss.csv` (step, loss, lr, seconds) and `checkpoint.pt`
-(model, EMA, optimiser and RNG states), written every `--save-every` steps; `--resume` continues a run exactly
-where its last checkpoint left it. `--export` writes the EMA weights in the layout `chorus.models` loads.
+training split only, see `prompts`), draws each clip's noise, lays the scene out as a function of that noise
+(`scenes.noise_layout`: what makes few-step sampling work), renders it, and trains on `x_t = (1 - sigma) x0 +
+sigma noise`. The transformer predicts x0 (the adapter turns it into the velocity the scheduler steps with): a
+1 M-parameter model learns clean frames far faster than the pixel noise a velocity output must reproduce. Half of
+the sigmas are uniform, half are the sigmas the 4-step sampler visits, so the few-step mode is trained where it is
+used. Text conditioning is the adapter's own `encode_prompt` (the WanPipeline recipe on MiniLM), so training and
+serving see the same embeddings. The run directory holds `config.json`, `loss.csv` (step, loss, lr, seconds) and
+`checkpoint.pt` (model, EMA, optimiser and RNG states), written every `--save-every` steps; `--resume` continues a
+run exactly where its last checkpoint left it. `--export` writes the EMA weights in the layout `chorus.models`
+loads.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ class TrainConfig:
     null_prompt_prob: float = 0.05  # the empty prompt, so classifier-free guidance stays possible
     few_step_prob: float = 0.5  # share of sigmas taken from the 4-step schedule
     shift: float = 0.5  # scheduler shift: < 1 puts the few steps' last prediction at low noise
+    prediction_type: str = "sample"  # the transformer predicts x0 ("sample") or the velocity ("flow")
+    noise_coupled: bool = True  # each clip's layout is a function of its noise (`scenes.noise_layout`)
     max_sequence_length: int = 40
     budget_minutes: float = 0.0  # total training time over all resumes; the LR decays on time too; 0 = no budget
     threads: int = 0  # torch threads; 0 = torch's default
@@ -144,6 +149,7 @@ def card(cfg: TrainConfig) -> dict:
         "default_steps": 4,
         "guidance_scale": 1.0,
         "negative_prompt": "",
+        "prediction_type": cfg.prediction_type,
         # one transformer and one scheduler serve both modes (no distilled 4-step weights)
         "steps_modes": {
             "4": {"transformer": "transformer", "shift": cfg.shift},
@@ -168,6 +174,7 @@ def make_adapter(transformer, cfg: TrainConfig):
         text_encoder=text_encoder,
         codec=PixelCodec(),
         defaults=defaults,
+        prediction_type=cfg.prediction_type,
     )
     transformer.train()
     return adapter
@@ -195,12 +202,20 @@ class Pool:
 
 
 def sample_batch(pool: Pool, cfg: TrainConfig, rng: np.random.Generator, sigmas4: list[float]):
-    """(x0 [B,3,F,H,W] in [-1,1], embeds [B,T,C], sigma [B]) for one step."""
+    """(x0 [B,3,F,H,W] in [-1,1], noise like x0, embeds [B,T,C], sigma [B]) for one step."""
     idx = rng.integers(0, len(pool.items), cfg.batch_size)
-    clips, embeds = [], []
+    clips, noises, embeds = [], [], []
+    shape = (3, scenes.NUM_FRAMES, scenes.HEIGHT, scenes.WIDTH)
     for i in idx:
         spec, _ = pool.items[i]
-        clips.append(scenes.render(spec.layout(rng)))
+        noise = rng.standard_normal(shape, dtype=np.float32)
+        if cfg.noise_coupled:
+            while (scene := spec.noise_layout(noise)) is None:  # ~2% of noises cannot place two objects apart
+                noise = rng.standard_normal(shape, dtype=np.float32)
+        else:
+            scene = spec.layout(rng)
+        clips.append(scenes.render(scene))
+        noises.append(noise)
         use_null = rng.random() < cfg.null_prompt_prob
         embeds.append(pool.null if use_null else pool.embeds[i].float())
     x0 = torch.from_numpy(np.stack(clips)).permute(0, 4, 1, 2, 3) * 2 - 1
@@ -210,7 +225,17 @@ def sample_batch(pool: Pool, cfg: TrainConfig, rng: np.random.Generator, sigmas4
         rng.choice(sigmas4, cfg.batch_size),
         u,
     )
-    return x0.float(), torch.stack(embeds), torch.from_numpy(sigma).float().clamp(1e-3, 1.0)
+    sigma = torch.from_numpy(sigma).float().clamp(1e-3, 1.0)
+    return x0.float(), torch.from_numpy(np.stack(noises)), torch.stack(embeds), sigma
+
+
+def flow_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Mean squared error of the transformer's output: the velocity `noise - x0`, or x0 itself for x0 prediction.
+    x0 in x0 space, not in velocity space: an Euler step from sigma to sigma' lands at `x0_pred + sigma'/sigma
+    (x_t - x0_pred)`, whose error is `(1 - sigma'/sigma)` times the x0 error, so the x0 error is what the sampler
+    sees; a velocity loss would weight it by 1/sigma^2 and starve the high-noise steps that choose the layout."""
+    target = noise - x0 if cfg.prediction_type == "flow" else x0
+    return torch.nn.functional.mse_loss(pred, target)
 
 
 def lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
@@ -306,12 +331,11 @@ def train(
             break
         if cfg.budget_minutes > 0 and elapsed >= cfg.budget_minutes * 60:
             break
-        x0, embeds, sigma = sample_batch(pool, cfg, rng, sigmas4)
-        noise = torch.randn_like(x0)
+        x0, noise, embeds, sigma = sample_batch(pool, cfg, rng, sigmas4)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
         pred = model(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=embeds, return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(pred, noise - x0)
+        loss = flow_loss(pred, x0, noise, cfg)
         lr = lr_at(step, cfg, elapsed)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -363,6 +387,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--pool-size", type=int, default=TrainConfig.pool_size)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--prediction-type", choices=["sample", "flow"], default=TrainConfig.prediction_type)
+    p.add_argument(
+        "--independent-layouts", action="store_true", help="draw layouts independently of the noise (the old recipe)"
+    )
     p.add_argument("--identity-init", action="store_true", help="start the DiT as output = input (experimental)")
     p.add_argument("--budget-minutes", type=float, default=0.0, help="total training time over all resumes")
     p.add_argument("--minutes", type=float, default=None, help="stop this call after this many minutes")
@@ -377,6 +405,8 @@ def main(argv: list[str] | None = None) -> None:
         pool_size=a.pool_size,
         threads=a.threads,
         budget_minutes=a.budget_minutes,
+        prediction_type=a.prediction_type,
+        noise_coupled=not a.independent_layouts,
     )
     summary = train(a.run, cfg, resume=a.resume, steps=a.steps, minutes=a.minutes, save_every=a.save_every)
     print(json.dumps(summary))

@@ -56,6 +56,15 @@ def test_train_resume_and_export(tmp_path):
     latents = adapter.initial_latents(32, 32, 8, seed=0)
     assert latents.shape == (1, 3, 8, 32, 32)
 
+    # the model predicts x0; the adapter hands the scheduler the velocity (x_t - x0) / sigma
+    assert chorus_json["prediction_type"] == adapter.prediction_type == "sample"
+    embeds = adapter.encode_prompt("a red circle moving left on a white background", None, 1.0, 40)
+    t, sigma = torch.tensor([700.0]), 0.7
+    velocity = adapter.predict(latents, t, embeds, 1.0, step_index=0, sigma=sigma, num_steps=4)
+    with torch.no_grad():
+        x0 = adapter.transformer(hidden_states=latents, timestep=t, encoder_hidden_states=embeds.cond)[0]
+    torch.testing.assert_close(velocity, (latents - x0) / sigma)
+
 
 def test_identity_init_makes_the_model_pass_its_input_through():
     torch.manual_seed(0)

@@ -32,6 +32,38 @@ def test_layout_keeps_objects_inside_and_apart():
         assert scenes._boxes_apart(a, b, scene.num_frames)
 
 
+def test_noise_layout_is_a_function_of_the_noise_and_follows_its_box_sums():
+    rng = np.random.default_rng(2)
+    shape = (3, scenes.NUM_FRAMES, scenes.HEIGHT, scenes.WIDTH)
+    positions, placed, scores = set(), 0, []
+    for _ in range(200):
+        spec = prompts.sample_spec(rng, p_two=0.5)
+        noise = rng.standard_normal(shape, dtype=np.float32)
+        scene = spec.noise_layout(noise)
+        if scene is None:  # two objects that cannot be placed apart: rare, and training redraws the noise
+            continue
+        placed += 1
+        assert scene == spec.noise_layout(noise.copy())
+        first = scene.objects[0]
+        positions.add((first.x, first.y, first.size))
+        for obj in scene.objects:
+            for f in range(scene.num_frames):
+                x0, y0, x1, y1 = obj.box(f)
+                assert x0 >= 0 and y0 >= 0 and x1 <= scene.width and y1 <= scene.height
+        assert all(scenes._boxes_apart(a, b, scene.num_frames) for a, b in zip(scene.objects, scene.objects[1:]))
+        # the first object starts on the 4-pixel lattice, at the in-frame cell where channel 0 of frames 0-1 sums
+        # highest
+        assert first.x % 4 == 0 and first.y % 4 == 0
+        cells = noise[0, :2].sum(0).reshape(8, 4, 8, 4).sum((1, 3))
+        xlo, xhi = scenes._start_range(first.motion, first.size, scene.width, 0, scene.num_frames)
+        ylo, yhi = scenes._start_range(first.motion, first.size, scene.height, 1, scene.num_frames)
+        valid = cells[-(-ylo // 4) : yhi // 4 + 1, -(-xlo // 4) : xhi // 4 + 1]
+        assert cells[first.y // 4, first.x // 4] == valid.max()
+        scores.append(analyzer.alignment(spec, scenes.render(scene)))
+    assert np.mean(scores) >= 0.99  # the analyzer reads noise-placed scenes as well as randomly placed ones
+    assert placed >= 180 and len(positions) >= 60  # different noise, different layouts
+
+
 def test_motion_moves_the_object():
     obj = scenes.SceneObject("square", "red", "right", 8, 2, 10)
     video = scenes.render(scenes.Scene("white", (obj,)))

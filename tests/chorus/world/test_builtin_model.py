@@ -41,7 +41,9 @@ def test_four_step_generation_of_a_heldout_prompt_shows_its_background(engine):
     assert analyzer.analyze(frames).background == spec.background
 
 
-@pytest.mark.xfail(strict=False, reason="the shipped model draws objects at 4 steps only ~10% of the time; see its model card")
+@pytest.mark.xfail(
+    strict=False, reason="the shipped model draws objects at 4 steps only ~10% of the time; see its model card"
+)
 def test_four_step_generation_of_a_heldout_prompt_passes_the_analyzer(engine):
     spec = prompts.parse(PROMPT)
     result = analyzer.analyze(evaluate.generate(engine, PROMPT, SEED, 4))

@@ -1,6 +1,6 @@
 """Train the built-in model: a small Wan DiT that denoises the world's clips in pixel space by flow matching.
 
-    python -m chorus.world.train --run runs/builtin [--budget-minutes 95] [--resume] [--export src/chorus/weights/builtin]
+    python -m chorus.world.train --run runs/builtin [--budget-minutes 95] [--resume] [--export DIR]
 
 Every step draws a batch of training prompts from a fixed pool (wordings and attribute combinations of the
 training split only, see `prompts`), draws each clip's noise, lays the scene out as a function of that noise

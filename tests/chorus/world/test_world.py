@@ -3,6 +3,8 @@ and the analyzer reads rendered clips right at least 99% of the time per attribu
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -50,7 +52,7 @@ def test_noise_layout_is_a_function_of_the_noise_and_follows_its_box_sums():
             for f in range(scene.num_frames):
                 x0, y0, x1, y1 = obj.box(f)
                 assert x0 >= 0 and y0 >= 0 and x1 <= scene.width and y1 <= scene.height
-        assert all(scenes._boxes_apart(a, b, scene.num_frames) for a, b in zip(scene.objects, scene.objects[1:]))
+        assert all(scenes._boxes_apart(a, b, scene.num_frames) for a, b in itertools.pairwise(scene.objects))
         # the first object starts on the 4-pixel lattice, at the in-frame cell where channel 0 of frames 0-1 sums
         # highest
         assert first.x % 4 == 0 and first.y % 4 == 0

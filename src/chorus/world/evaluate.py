@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
-from . import analyzer, prompts
+from . import analyzer, prompts, scenes
 
 REQUIRED = ("colour", "motion", "shape", "background", "count")
 
@@ -87,6 +88,40 @@ def evaluate(engine, n: int = 200, steps: int = 4, pairs: int = 20, seed: int = 
     }
 
 
+@torch.no_grad()
+def layout_probe(adapter, n: int = 48, sigmas=(1.0, 0.8, 0.5, 0.2), seed: int = 11) -> dict[str, dict[str, float]]:
+    """How much of the noise-tied layout (`scenes.noise_layout`) an x0-predicting model has learned: on `n` training
+    prompts, per sigma, the squared error of its x0 prediction on the object pixels, next to that of guessing the
+    background there (what a model that ignores the layout would do)."""
+    rng = np.random.default_rng(seed)
+    items = [prompts.training_prompt(rng) for _ in range(n)]
+    noises, clips = [], []
+    for spec, _ in items:
+        noise = rng.standard_normal((3, scenes.NUM_FRAMES, scenes.HEIGHT, scenes.WIDTH), dtype=np.float32)
+        while (scene := spec.noise_layout(noise)) is None:
+            noise = rng.standard_normal(noise.shape, dtype=np.float32)
+        noises.append(noise)
+        clips.append(scenes.render(scene))
+    noise = torch.from_numpy(np.stack(noises))
+    x0 = torch.from_numpy(np.stack(clips)).permute(0, 4, 1, 2, 3) * 2 - 1
+    text = adapter.encode_texts([t for _, t in items], adapter.defaults.max_sequence_length)
+    background = torch.stack([torch.tensor(scenes.BACKGROUNDS[s.background]) / 255 * 2 - 1 for s, _ in items])
+    background = background.float().view(n, 3, 1, 1, 1).expand_as(x0)
+    on_object = ((x0 - background).abs().sum(1, keepdim=True) > 0.1).expand_as(x0)
+    out = {}
+    for sigma in sigmas:
+        xt = (1 - sigma) * x0 + sigma * noise
+        timestep = torch.full((n,), sigma * 1000.0)
+        pred = adapter.transformer(hidden_states=xt, timestep=timestep, encoder_hidden_states=text, return_dict=False)[
+            0
+        ]
+        out[str(sigma)] = {
+            "object_pixel_mse": float(((pred - x0) ** 2)[on_object].mean()),
+            "background_guess_mse": float(((background - x0) ** 2)[on_object].mean()),
+        }
+    return out
+
+
 def contact_sheet(engine, path: str | Path, steps: int = 4, rows: int = 6, seeds: int = 3, seed: int = 1234) -> Path:
     """A PNG: per row one held-out prompt, per seed its first, middle and last frame (4x upscaled)."""
     from PIL import Image
@@ -130,8 +165,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pairs", type=int, default=20, help="prompts generated with a second seed")
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.add_argument("--sheet", default=None, help="write a PNG contact sheet of 4-step generations here")
+    p.add_argument("--layout-probe", action="store_true", help="only report how much of the noise-tied layout it knows")
     a = p.parse_args(argv)
     engine = make_engine(a.model)
+    if a.layout_probe:
+        print(json.dumps(layout_probe(engine.adapter), indent=2))
+        return
     reports = [evaluate(engine, a.n, s, a.pairs) for s in a.steps]
     print(json.dumps(reports, indent=2))
     print(format_report(reports))

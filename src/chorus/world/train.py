@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from chorus.models.base import PREDICTION_TYPES
+
 from . import prompts, scenes
 
 KIND = "builtin-pixel-wan"
@@ -210,7 +212,7 @@ def sample_batch(pool: Pool, cfg: TrainConfig, rng: np.random.Generator, sigmas4
         spec, _ = pool.items[i]
         noise = rng.standard_normal(shape, dtype=np.float32)
         if cfg.noise_coupled:
-            while (scene := spec.noise_layout(noise)) is None:  # ~2% of noises cannot place two objects apart
+            while (scene := spec.noise_layout(noise)) is None:  # ~9% of noises cannot place two objects apart
                 noise = rng.standard_normal(shape, dtype=np.float32)
         else:
             scene = spec.layout(rng)
@@ -231,9 +233,10 @@ def sample_batch(pool: Pool, cfg: TrainConfig, rng: np.random.Generator, sigmas4
 
 def flow_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
     """Mean squared error of the transformer's output: the velocity `noise - x0`, or x0 itself for x0 prediction.
-    x0 in x0 space, not in velocity space: an Euler step from sigma to sigma' lands at `x0_pred + sigma'/sigma
-    (x_t - x0_pred)`, whose error is `(1 - sigma'/sigma)` times the x0 error, so the x0 error is what the sampler
-    sees; a velocity loss would weight it by 1/sigma^2 and starve the high-noise steps that choose the layout."""
+    For x0 prediction the error is taken on x0, not converted to velocity: an Euler step from sigma to sigma' lands
+    at `x0_pred + sigma'/sigma (x_t - x0_pred)`, whose error is `(1 - sigma'/sigma)` times the x0 error, so the x0
+    error is what the sampler sees; a velocity loss would weight it by 1/sigma^2 and starve the high-noise steps
+    that choose the layout."""
     target = noise - x0 if cfg.prediction_type == "flow" else x0
     return torch.nn.functional.mse_loss(pred, target)
 
@@ -387,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--pool-size", type=int, default=TrainConfig.pool_size)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--prediction-type", choices=["sample", "flow"], default=TrainConfig.prediction_type)
+    p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=TrainConfig.prediction_type)
     p.add_argument(
         "--independent-layouts", action="store_true", help="draw layouts independently of the noise (the old recipe)"
     )

@@ -56,3 +56,8 @@ def test_seeds_give_visibly_different_videos(engine):
     b = evaluate.generate(engine, PROMPT, 2, 50)
     assert np.abs(a - b).mean() > 0.01
     assert np.array_equal(a, evaluate.generate(engine, PROMPT, 1, 50))  # and the same seed the same video
+
+
+def test_layout_probe_shows_the_model_reads_objects_from_a_noisy_clip(engine):
+    probe = evaluate.layout_probe(engine.adapter, n=8, sigmas=(0.5,))["0.5"]
+    assert probe["object_pixel_mse"] < 0.25 * probe["background_guess_mse"]

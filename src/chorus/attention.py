@@ -98,8 +98,8 @@ class ChorusWanAttnProcessor:
             # The unmasked tokens follow the source's trajectory, so their keys/values are the source's.
             source_key = rt.source_features[kv_name(rt.step, rt.pass_index, self.layer, "k")]
             source_value = rt.source_features[kv_name(rt.step, rt.pass_index, self.layer, "v")]
-            key = source_key.to(key.dtype).index_copy(1, rt.token_index, key)
-            value = source_value.to(value.dtype).index_copy(1, rt.token_index, value)
+            key = source_key.to(key).index_copy(1, rt.token_index, key)
+            value = source_value.to(value).index_copy(1, rt.token_index, value)
         if rt.capture_kv:
             rt.captured[kv_name(rt.step, rt.pass_index, self.layer, "k")] = key.to(rt.capture_dtype).cpu()
             rt.captured[kv_name(rt.step, rt.pass_index, self.layer, "v")] = value.to(rt.capture_dtype).cpu()
@@ -118,9 +118,9 @@ class ChorusWanAttnProcessor:
             rt.captured[query_name(rt.step, self.layer)] = query.to(rt.capture_dtype).cpu()
         bias = attention_mask
         if rt.text_bias is not None:
-            bias = rt.text_bias.to(query.dtype).view(1, 1, 1, -1)  # [B, H, Lq, T] after broadcasting
+            bias = rt.text_bias.to(query).view(1, 1, 1, -1)  # [B, H, Lq, T] after broadcasting
             if rt.bias_rows is not None and not rt.restricted:  # amplify inside the region only
-                bias = bias * rt.bias_rows.to(query.dtype).view(1, 1, -1, 1)
+                bias = bias * rt.bias_rows.to(query).view(1, 1, -1, 1)
         out = dispatch_attention_fn(
             query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False, backend=self.original._attention_backend
         )

@@ -113,14 +113,21 @@ class RegionReuse:
         else:
             source_embeds = self.adapter.encode_prompt(source.meta.prompt, None, 1.0, max_len).cond
             queries = [source.extras[n][0] for n in names]
-            target_keys = [k[0] for k in self.controller.text_keys(target_embeds.cond)]
-            source_keys = [k[0] for k in self.controller.text_keys(source_embeds)]
+            # the mask is built on the CPU, where the cached queries live; the region then moves to the model
+            target_keys = [k[0].cpu() for k in self.controller.text_keys(target_embeds.cond)]
+            source_keys = [k[0].cpu() for k in self.controller.text_keys(source_embeds)]
             token_mask = region_mask(grid, diff, queries, target_keys, source_keys, self.config.mask)
         bias = None
         if self.config.alpha != 1.0 and diff.changed_tokens:
             bias = torch.zeros(max_len)
             bias[[t for t in diff.changed_tokens if t < max_len]] = math.log(self.config.alpha)
-        return Region(diff, token_mask, self.latent_mask(token_mask), bias)
+        device = self.adapter.device
+        return Region(
+            diff,
+            token_mask.to(device),
+            self.latent_mask(token_mask).to(device),
+            None if bias is None else bias.to(device),
+        )
 
     def has_features(self, source, step: int, passes: int) -> bool:
         layers = len(self.adapter.transformer.blocks)
@@ -152,7 +159,8 @@ class RegionReuse:
         if restricted:
             rt.mode, rt.token_index, rt.num_tokens = "restricted", region.token_index, region.token_mask.numel()
             prefix = f"kv.{step}."
-            rt.source_features = {k: v for k, v in source.extras.items() if k.startswith(prefix)}
+            device = self.adapter.device  # cached features live on the CPU
+            rt.source_features = {k: v.to(device) for k, v in source.extras.items() if k.startswith(prefix)}
         elif capture_q or capture_kv or rt.text_bias is not None:
             rt.mode = "active"
 

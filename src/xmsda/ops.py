@@ -35,6 +35,10 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
         `[N, Q, M*D]` in the dtype of `value`.
     """
     check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if value.device.type != "cpu":  # no kernel yet: plain autograd through the reference
+        _warn_reference(value.device)
+        shapes, _ = _levels(value, spatial_shapes, level_start_index)
+        return ms_deform_attn_core_pytorch(value, shapes.tolist(), sampling_locations, attention_weights)
     return torch.ops.xmsda.ms_deform_attn(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights
     )
@@ -179,10 +183,15 @@ def _ms_deform_attn_backward_op(
     shapes, starts = _levels(value, spatial_shapes, level_start_index)
     if value.device.type != "cpu":
         _warn_reference(value.device)
-        inputs = [t.detach().requires_grad_() for t in (value, sampling_locations, attention_weights)]
-        with torch.enable_grad():
-            out = ms_deform_attn_core_pytorch(inputs[0], shapes.tolist(), inputs[1], inputs[2])
-        return torch.autograd.grad(out, inputs, grad_output)
+        # autograd is switched off inside a custom op; torch.func's vjp differentiates regardless
+        hw = shapes.tolist()
+        _, vjp = torch.func.vjp(
+            lambda v, loc, attn: ms_deform_attn_core_pytorch(v, hw, loc, attn),
+            value.detach(),
+            sampling_locations.detach(),
+            attention_weights.detach(),
+        )
+        return vjp(grad_output)
     Q = sampling_locations.shape[1]
     ct = _compute_dtype(value.dtype)
     v, loc, attn = (t.detach().to(ct).contiguous() for t in (value, sampling_locations, attention_weights))

@@ -190,45 +190,91 @@ def few_step_sigmas(shift: float, steps: int = 4) -> list[float]:
 
 
 class Pool:
-    """A fixed, seeded pool of training prompts (spec, text) and their embeddings."""
+    """A fixed, seeded pool of training prompts (spec, text) and their text embeddings.
 
-    def __init__(self, adapter, cfg: TrainConfig, progress: bool = True):
+    Stored compactly (`save`/`load`): each prompt's real tokens only, in float16 (the encoder zero-pads the rest),
+    so a prepared run directory is small enough to carry to another machine that has no text encoder."""
+
+    def __init__(self, items: list, tokens: torch.Tensor, lengths: torch.Tensor, null: torch.Tensor, seq_len: int):
+        self.items, self.tokens, self.lengths, self.null, self.seq_len = items, tokens, lengths, null, seq_len
+
+    @classmethod
+    def build(cls, adapter, cfg: TrainConfig, progress: bool = True) -> Pool:
         rng = np.random.default_rng(cfg.seed + 7919)
-        self.items = [prompts.training_prompt(rng) for _ in range(cfg.pool_size)]
-        texts = [t for _, t in self.items]
-        chunks = []
+        items = [prompts.training_prompt(rng) for _ in range(cfg.pool_size)]
+        texts = [t for _, t in items]
+        tokens, lengths = [], []
         for i in tqdm(range(0, len(texts), 64), desc="encoding prompts", disable=not progress, leave=False):
-            chunks.append(adapter.encode_texts(texts[i : i + 64], cfg.max_sequence_length).half())
-        self.embeds = torch.cat(chunks)
-        self.null = adapter.encode_texts([""], cfg.max_sequence_length)[0]
+            embeds = adapter.encode_texts(texts[i : i + 64], cfg.max_sequence_length).half()
+            for row in embeds:
+                n = int(row.abs().sum(-1).nonzero().max()) + 1
+                tokens.append(row[:n])
+                lengths.append(n)
+        null = adapter.encode_texts([""], cfg.max_sequence_length)[0]
+        return cls(items, torch.cat(tokens), torch.tensor(lengths), null, cfg.max_sequence_length)
+
+    def save(self, path: Path) -> None:
+        torch.save({k: getattr(self, k) for k in ("items", "tokens", "lengths", "null", "seq_len")}, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Pool:
+        return cls(**torch.load(path, weights_only=False))  # items are PromptSpec dataclasses
+
+    def dense(self, device) -> torch.Tensor:
+        """[P, T, C] float16 embeddings, zero-padded to the sequence length, on `device`."""
+        out = torch.zeros(len(self.items), self.seq_len, self.tokens.shape[-1], dtype=torch.float16)
+        mask = torch.arange(self.seq_len) < self.lengths[:, None]
+        out[mask] = self.tokens
+        return out.to(device)
 
 
-def sample_batch(pool: Pool, cfg: TrainConfig, rng: np.random.Generator, sigmas4: list[float]):
-    """(x0 [B,3,F,H,W] in [-1,1], noise like x0, embeds [B,T,C], sigma [B]) for one step."""
-    idx = rng.integers(0, len(pool.items), cfg.batch_size)
-    clips, noises, embeds = [], [], []
-    shape = (3, scenes.NUM_FRAMES, scenes.HEIGHT, scenes.WIDTH)
-    for i in idx:
-        spec, _ = pool.items[i]
-        noise = rng.standard_normal(shape, dtype=np.float32)
-        if cfg.noise_coupled:
-            while (scene := spec.noise_layout(noise)) is None:  # ~9% of noises cannot place two objects apart
-                noise = rng.standard_normal(shape, dtype=np.float32)
-        else:
-            scene = spec.layout(rng)
-        clips.append(scenes.render(scene))
-        noises.append(noise)
-        use_null = rng.random() < cfg.null_prompt_prob
-        embeds.append(pool.null if use_null else pool.embeds[i].float())
-    x0 = torch.from_numpy(np.stack(clips)).permute(0, 4, 1, 2, 3) * 2 - 1
-    u = rng.random(cfg.batch_size)
-    sigma = np.where(
-        rng.random(cfg.batch_size) < cfg.few_step_prob,
-        rng.choice(sigmas4, cfg.batch_size),
-        u,
-    )
-    sigma = torch.from_numpy(sigma).float().clamp(1e-3, 1.0)
-    return x0.float(), torch.from_numpy(np.stack(noises)), torch.stack(embeds), sigma
+class Batches(torch.utils.data.Dataset):
+    """Training batch number `step` as a pure function of (seed, step), so that a resumed run sees exactly the
+    batches of an uninterrupted one, whatever the number of loader workers.
+
+    Item: (prompt index [B], null-prompt flag [B], clip [B,F,H,W,3] uint8, noise [B,3,F,H,W] float16, sigma [B]).
+    Clips are exact palette colours, so uint8 loses nothing; the noise is rounded to float16 before the layout is
+    read from it, so layout and noise agree exactly (half the bytes between loader processes)."""
+
+    def __init__(self, items: list, cfg: TrainConfig, sigmas4: list[float], start: int, stop: int):
+        self.items, self.cfg, self.sigmas4, self.start, self.stop = items, cfg, sigmas4, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int):
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, self.start + i])
+        idx = rng.integers(0, len(self.items), cfg.batch_size)
+        clips, noises = [], []
+        shape = (3, scenes.NUM_FRAMES, scenes.HEIGHT, scenes.WIDTH)
+        for j in idx:
+            spec, _ = self.items[j]
+            while True:
+                noise = rng.standard_normal(shape, dtype=np.float32).astype(np.float16)
+                scene = spec.noise_layout(noise.astype(np.float32)) if cfg.noise_coupled else spec.layout(rng)
+                if scene is not None:  # ~9% of noises cannot place two objects apart
+                    break
+            clips.append(np.rint(scenes.render(scene) * 255).astype(np.uint8))
+            noises.append(noise)
+        use_null = rng.random(cfg.batch_size) < cfg.null_prompt_prob
+        few = rng.random(cfg.batch_size) < cfg.few_step_prob
+        sigma = np.where(few, rng.choice(self.sigmas4, cfg.batch_size), rng.random(cfg.batch_size))
+        return (
+            torch.from_numpy(idx),
+            torch.from_numpy(use_null),
+            torch.from_numpy(np.stack(clips)),
+            torch.from_numpy(np.stack(noises)),
+            torch.from_numpy(sigma).float().clamp(1e-3, 1.0),
+        )
+
+
+def to_model_inputs(batch, embeds: torch.Tensor, null: torch.Tensor, device):
+    """A `Batches` item on `device`: x0 in [-1, 1] [B,3,F,H,W], noise, text embeddings [B,T,C], sigma [B]."""
+    idx, use_null, clips, noise, sigma = (t.to(device, non_blocking=True) for t in batch)
+    x0 = clips.permute(0, 4, 1, 2, 3).float() / 255 * 2 - 1
+    text = torch.where(use_null[:, None, None], null.to(device), embeds[idx].float())
+    return x0, noise.float(), text, sigma
 
 
 def flow_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
@@ -264,9 +310,14 @@ def train(
     steps: int | None = None,
     minutes: float | None = None,
     save_every: int = 200,
+    device: str = "cpu",
+    workers: int = 0,
     progress: bool = True,
 ) -> dict:
-    """Train (or continue) a run; returns a summary. Stops at `steps` (default `cfg.steps`) or after `minutes`."""
+    """Train (or continue) a run; returns a summary. Stops at `steps` (default `cfg.steps`) or after `minutes`.
+
+    `workers` > 0 renders batches in that many loader processes (what keeps a GPU busy); the batches, and so the
+    trained weights up to floating-point reduction order, do not depend on it."""
     run = Path(run_dir)
     ckpt_path = run / "checkpoint.pt"
     if resume and ckpt_path.is_file():
@@ -280,43 +331,62 @@ def train(
     (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
     torch.manual_seed(cfg.seed)
-    model = build_transformer(cfg.model)
-    ema = build_transformer(cfg.model).eval().requires_grad_(False)
+    model = build_transformer(cfg.model).to(dev)
+    ema = build_transformer(cfg.model).to(dev).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    rng = np.random.default_rng(cfg.seed)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99), fused=dev.type == "cuda"
+    )
     step, elapsed = 0, 0.0
     if resume:
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(ckpt_path, weights_only=False, map_location=dev)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
-        rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"])
         step, elapsed = state["step"], state["elapsed"]
 
-    adapter = make_adapter(model, cfg)
     pool_path = run / "pool.pt"
-    if pool_path.is_file():
-        pool = torch.load(pool_path, weights_only=False)
+    if pool_path.is_file():  # a prepared run needs no text encoder (e.g. on a machine without one)
+        pool = Pool.load(pool_path)
     else:
-        pool = Pool(adapter, cfg, progress)
-        torch.save(pool, pool_path)
-    sigmas4 = few_step_sigmas(cfg.shift)
+        pool = Pool.build(make_adapter(model, cfg), cfg, progress)
+        pool.save(pool_path)
+    embeds = pool.dense(dev)
+    loader = torch.utils.data.DataLoader(
+        Batches(pool.items, cfg, few_step_sigmas(cfg.shift), step, max(step, cfg.steps)),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=dev.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
     log_new = not (run / "loss.csv").is_file() or not resume
     log_file = (run / "loss.csv").open("w" if log_new else "a", newline="")
     log = csv.writer(log_file)
     if log_new:
         log.writerow(["step", "loss", "lr", "seconds"])
+    pending: list[tuple[int, torch.Tensor, float, float]] = []  # losses stay on the device until written
+    losses: list[float] = []
+
+    def flush_log():
+        values = torch.stack([loss for _, loss, _, _ in pending]).tolist() if pending else []
+        for (n, _, lr, sec), value in zip(pending, values, strict=True):
+            log.writerow([n, f"{value:.5f}", f"{lr:.2e}", f"{sec:.1f}"])
+        losses.extend(values)
+        pending.clear()
+        log_file.flush()
 
     def save():
+        flush_log()
         state = {
             "model": model.state_dict(),
             "ema": ema.state_dict(),
             "opt": opt.state_dict(),
-            "numpy_rng": rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
             "step": step,
             "elapsed": elapsed,
@@ -324,38 +394,38 @@ def train(
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(ckpt_path)
-        log_file.flush()
 
-    t0, start_elapsed, losses = time.perf_counter(), elapsed, []
+    t0, start_elapsed = time.perf_counter(), elapsed
     bar = tqdm(total=cfg.steps, initial=step, desc="training", disable=not progress, smoothing=0.05)
     model.train()
-    while step < cfg.steps:
+    model_params, ema_params = list(model.parameters()), list(ema.parameters())
+    for batch in loader:
         if minutes is not None and time.perf_counter() - t0 > minutes * 60:
             break
         if cfg.budget_minutes > 0 and elapsed >= cfg.budget_minutes * 60:
             break
-        x0, noise, embeds, sigma = sample_batch(pool, cfg, rng, sigmas4)
+        x0, noise, text, sigma = to_model_inputs(batch, embeds, pool.null, dev)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
-        pred = model(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=embeds, return_dict=False)[0]
+        pred = model(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=text, return_dict=False)[0]
         loss = flow_loss(pred, x0, noise, cfg)
         lr = lr_at(step, cfg, elapsed)
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model_params, 1.0)
         opt.step()
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                pe.lerp_(pm, 1 - decay)
+            torch._foreach_lerp_(ema_params, model_params, 1 - decay)
         step += 1
         elapsed = start_elapsed + time.perf_counter() - t0
-        losses.append(loss.item())
-        log.writerow([step, f"{loss.item():.5f}", f"{lr:.2e}", f"{elapsed:.1f}"])
+        pending.append((step, loss.detach(), lr, elapsed))
         bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if len(pending) >= 50 or step % save_every == 0:
+            flush_log()
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if step % save_every == 0:
             save()
     save()
@@ -368,7 +438,7 @@ def export(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Write a run's EMA weights as the built-in model directory (transformer/, scheduler/, chorus.json)."""
     run, out = Path(run_dir), Path(out_dir)
     cfg = _config_from_json(json.loads((run / "config.json").read_text()))
-    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state = torch.load(run / "checkpoint.pt", weights_only=False, map_location="cpu")
     model = build_transformer(cfg.model)
     model.load_state_dict(state["ema"])
     out.mkdir(parents=True, exist_ok=True)
@@ -390,6 +460,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--pool-size", type=int, default=TrainConfig.pool_size)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda")
+    p.add_argument("--workers", type=int, default=0, help="loader processes rendering batches (0: in-process)")
+    p.add_argument("--heads", type=int, default=ModelConfig.num_attention_heads, help="attention heads (of 32 dims)")
+    p.add_argument("--layers", type=int, default=ModelConfig.num_layers)
+    p.add_argument("--ffn", type=int, default=ModelConfig.ffn_dim, help="feed-forward width")
     p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=TrainConfig.prediction_type)
     p.add_argument(
         "--independent-layouts", action="store_true", help="draw layouts independently of the noise (the old recipe)"
@@ -401,7 +476,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--export", default=None, help="after training, write the model directory here")
     a = p.parse_args(argv)
     cfg = TrainConfig(
-        model=ModelConfig(identity_init=a.identity_init),
+        model=ModelConfig(
+            num_attention_heads=a.heads, num_layers=a.layers, ffn_dim=a.ffn, identity_init=a.identity_init
+        ),
         seed=a.seed,
         batch_size=a.batch_size,
         lr=a.lr,
@@ -411,7 +488,16 @@ def main(argv: list[str] | None = None) -> None:
         prediction_type=a.prediction_type,
         noise_coupled=not a.independent_layouts,
     )
-    summary = train(a.run, cfg, resume=a.resume, steps=a.steps, minutes=a.minutes, save_every=a.save_every)
+    summary = train(
+        a.run,
+        cfg,
+        resume=a.resume,
+        steps=a.steps,
+        minutes=a.minutes,
+        save_every=a.save_every,
+        device=a.device,
+        workers=a.workers,
+    )
     print(json.dumps(summary))
     if a.export:
         print(f"exported to {export(a.run, a.export)}")

@@ -13,7 +13,7 @@ from chorus.world import prompts, train
 
 def tiny_config(**kw) -> train.TrainConfig:
     model = train.ModelConfig(num_attention_heads=2, attention_head_dim=12, num_layers=1, ffn_dim=32, freq_dim=16)
-    return train.TrainConfig(batch_size=2, pool_size=8, warmup=2, steps=4, model=model, **kw)
+    return train.TrainConfig(**{"batch_size": 2, "pool_size": 8, "warmup": 2, "steps": 4, "model": model, **kw})
 
 
 def test_batched_encoding_matches_the_adapter():
@@ -73,3 +73,28 @@ def test_identity_init_makes_the_model_pass_its_input_through():
     with torch.no_grad():
         out = model(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=torch.randn(1, 40, 384))[0]
     assert (out - x).pow(2).mean() < 1e-3 * x.pow(2).mean()
+
+
+def test_batches_do_not_depend_on_the_number_of_loader_workers(tmp_path):
+    """Batch `step` is a function of (seed, step): rendering in loader processes trains the same model."""
+    in_process = train.train(tmp_path / "a", tiny_config(steps=3), progress=False)
+    two_workers = train.train(tmp_path / "b", tiny_config(steps=3), workers=2, progress=False)
+    assert in_process["step"] == two_workers["step"] == 3
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value)
+
+
+def test_pool_is_stored_compactly_and_round_trips(tmp_path):
+    cfg = tiny_config()
+    pool = train.Pool.build(train.make_adapter(train.build_transformer(cfg.model), cfg), cfg, progress=False)
+    pool.save(tmp_path / "pool.pt")
+    loaded = train.Pool.load(tmp_path / "pool.pt")
+    assert loaded.items == pool.items
+    dense = loaded.dense("cpu")
+    assert dense.shape == (cfg.pool_size, cfg.max_sequence_length, 384)
+    assert int(loaded.lengths.sum()) == loaded.tokens.shape[0] < dense.shape[0] * dense.shape[1]  # padding not stored
+    adapter = train.make_adapter(train.build_transformer(cfg.model), cfg)
+    direct = adapter.encode_texts([t for _, t in pool.items], cfg.max_sequence_length).half()
+    torch.testing.assert_close(dense, direct, atol=0, rtol=0)

@@ -11,8 +11,10 @@ import pytest
 from chorus.models import BUILTIN_DIR, load_adapter
 from chorus.world import analyzer, evaluate, prompts
 
-# A held-out prompt: held-out colour-shape pair (red triangle), held-out synonyms and template.
-PROMPT = "footage of a crimson pyramid drifting leftward in front of a snow-white wall"
+# Held-out prompts. Both ask for a held-out colour-shape pair (red triangle); the second also uses held-out synonyms
+# and a held-out template.
+PROMPT = "a red triangle moving left on a white background"
+UNSEEN_WORDS = "footage of a crimson pyramid drifting leftward in front of a snow-white wall"
 SEED = 0
 
 
@@ -41,21 +43,28 @@ def test_four_step_generation_of_a_heldout_prompt_shows_its_background(engine):
     assert analyzer.analyze(frames).background == spec.background
 
 
-@pytest.mark.xfail(
-    strict=False, reason="the shipped model draws objects at 4 steps only ~10% of the time; see its model card"
-)
 def test_four_step_generation_of_a_heldout_prompt_passes_the_analyzer(engine):
     spec = prompts.parse(PROMPT)
+    assert prompts.is_heldout_spec(spec)
     result = analyzer.analyze(evaluate.generate(engine, PROMPT, SEED, 4))
     assert analyzer.alignment(spec, result) == 1.0, result.to_dict()
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="unseen synonyms are the model's main gap: 'pyramid' comes out as a circle (alignment 0.8; model card)",
+)
+def test_four_step_generation_with_unseen_words_passes_the_analyzer(engine):
+    spec = prompts.parse(UNSEEN_WORDS)
+    result = analyzer.analyze(evaluate.generate(engine, UNSEEN_WORDS, SEED, 4))
+    assert analyzer.alignment(spec, result) == 1.0, result.to_dict()
+
+
 def test_seeds_give_visibly_different_videos(engine):
-    # 50 steps: at 4 steps this model still often draws the background alone, the same for every seed (see its card)
-    a = evaluate.generate(engine, PROMPT, 1, 50)
-    b = evaluate.generate(engine, PROMPT, 2, 50)
+    a = evaluate.generate(engine, PROMPT, 1, 4)
+    b = evaluate.generate(engine, PROMPT, 2, 4)
     assert np.abs(a - b).mean() > 0.01
-    assert np.array_equal(a, evaluate.generate(engine, PROMPT, 1, 50))  # and the same seed the same video
+    assert np.array_equal(a, evaluate.generate(engine, PROMPT, 1, 4))  # and the same seed the same video
 
 
 def test_layout_probe_shows_the_model_reads_objects_from_a_noisy_clip(engine):

@@ -1,18 +1,20 @@
 """Train the built-in model: a small Wan DiT that denoises the world's clips in pixel space by flow matching.
 
-    python -m chorus.world.train --run runs/builtin [--budget-minutes 95] [--resume] [--export DIR]
+    python -m chorus.world.train --run runs/builtin [--budget-minutes 95] [--device cuda --workers 14] [--resume]
+        [--export DIR]
 
 Every step draws a batch of training prompts from a fixed pool (wordings and attribute combinations of the
 training split only, see `prompts`), draws each clip's noise, lays the scene out as a function of that noise
 (`scenes.noise_layout`: what makes few-step sampling work), renders it, and trains on `x_t = (1 - sigma) x0 +
 sigma noise`. The transformer predicts x0 (the adapter turns it into the velocity the scheduler steps with): a
-1 M-parameter model learns clean frames far faster than the pixel noise a velocity output must reproduce. Half of
+small model learns clean frames far faster than the pixel noise a velocity output must reproduce. Half of
 the sigmas are uniform, half are the sigmas the 4-step sampler visits, so the few-step mode is trained where it is
 used. Text conditioning is the adapter's own `encode_prompt` (the WanPipeline recipe on MiniLM), so training and
 serving see the same embeddings. The run directory holds `config.json`, `loss.csv` (step, loss, lr, seconds) and
-`checkpoint.pt` (model, EMA, optimiser and RNG states), written every `--save-every` steps; `--resume` continues a
-run exactly where its last checkpoint left it. `--export` writes the EMA weights in the layout `chorus.models`
-loads.
+`checkpoint.pt` (model, EMA, optimiser, step), written every `--save-every` steps; batch k is a function of (seed, k)
+alone, so `--resume` continues a run exactly where its last checkpoint left it. `pool.pt` holds the encoded prompt
+pool: a run directory prepared on one machine (`--steps 0`) trains on another that has no text encoder. `--export`
+writes the EMA weights in the layout `chorus.models` loads.
 """
 
 from __future__ import annotations

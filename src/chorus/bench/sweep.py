@@ -14,7 +14,6 @@ import sys
 from dataclasses import replace
 
 from ..planner import PlannerConfig
-from ..regions import MaskConfig
 from ..stage2 import Stage2Config
 from .main import run_benchmark
 from .policies import Policy, make_policy
@@ -28,6 +27,8 @@ S1_WIDE = ((0.95, 0.50), (0.90, 0.40), (0.85, 0.30), (0.80, 0.25), (0.70, 0.25))
 S1_EAGER = ((0.90, 0.50), (0.80, 0.40), (0.70, 0.25))
 S2_WIDE = ((0.95, 0.75), (0.90, 0.65), (0.85, 0.55), (0.80, 0.50), (0.70, 0.50))
 S2_EAGER = ((0.90, 0.75), (0.80, 0.65), (0.70, 0.50))
+# Shallow stage 1 (a quarter of the steps for every hit), for models that settle an edited attribute early.
+S1_SHALLOW = ((0.80, 0.25),)
 
 
 def _variant(stage1=None, stage2=None, *, planner: dict | None = None, **s2) -> Policy:
@@ -35,7 +36,7 @@ def _variant(stage1=None, stage2=None, *, planner: dict | None = None, **s2) -> 
     mask = s2.pop("mask", None)
     s = Stage2Config(**s2)
     if mask is not None:
-        s = replace(s, mask=replace(MaskConfig(), **mask))
+        s = replace(s, mask=replace(s.mask, **mask))
     return make_policy("chorus", p, s)
 
 
@@ -52,17 +53,21 @@ GRIDS: dict[str, dict[str, Policy]] = {
         "eager": _variant(S1_EAGER, S2_EAGER),
         "wide-stage1": _variant(S1_WIDE, S1_WIDE),
         "eager-stage1": _variant(S1_EAGER, S1_EAGER),
+        "shallow": _variant(S1_SHALLOW),
+        "shallow-alpha4": _variant(S1_SHALLOW, alpha=4.0),
+        "shallow-strict": _variant(S1_SHALLOW, S2_DEFAULT[:3]),
     },
     # stage 2: TGAA strength and the region mask, at the default tables
     "stage2": {
         "alpha1": _variant(alpha=1.0),
         "alpha2": _variant(alpha=2.0),
         "alpha4": _variant(alpha=4.0),
-        "tight-mask": _variant(mask={"dilate": 0, "temporal_window": 0}),
-        "dilated-mask": _variant(mask={"dilate": 1, "temporal_window": 1}),  # the default before the sweep
-        "tight-alpha1": _variant(alpha=1.0, mask={"dilate": 0, "temporal_window": 0}),
-        "tight-alpha4": _variant(alpha=4.0, mask={"dilate": 0, "temporal_window": 0}),
-        "strict-tight": _variant(S1_STRICT, S2_DEFAULT[:3], mask={"dilate": 0, "temporal_window": 0}),
+        "tight-mask": _variant(mask={"dilate": 0}),
+        "half-maps-tight": _variant(mask={"top_fraction": 0.5, "dilate": 0}),  # the default before the retrained model
+        "dilated-mask": _variant(mask={"dilate": 1, "temporal_window": 1}),
+        "tight-alpha1": _variant(alpha=1.0, mask={"dilate": 0}),
+        "tight-alpha4": _variant(alpha=4.0, mask={"dilate": 0}),
+        "strict-tight": _variant(S1_STRICT, S2_DEFAULT[:3], mask={"dilate": 0}),
         "high-threshold": _variant(mask={"threshold": 0.7}),
         "no-mask-cap": _variant(planner={"full_stage2_mask": 0.9, "no_stage2_mask": 1.0}),
     },

@@ -13,6 +13,11 @@ that reuse the same source, each from its own empty cache:
 
 Reported per arm: how often the analyzer finds the target colour, mean alignment, the mask fraction, and the
 transformer FLOPs of the hit relative to a full generation. Writes `region_reuse_<steps>.json` and a PNG figure.
+
+    python -m chorus.experiments.region_reuse --steps 4 --pairs 12 --mask-quality
+
+instead measures the region mask itself against where the source's object really is (its non-background pixels,
+as latent tokens), for a few mask settings: mask fraction, recall of the object's tokens, and IoU.
 """
 
 from __future__ import annotations
@@ -24,14 +29,16 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
-from chorus.attention import transformer_flops
+from chorus.attention import query_name, transformer_flops
 from chorus.cache import MemoryStore, RequestCache
 from chorus.embed import SentenceTransformerEmbedder
 from chorus.engine import ChorusEngine
 from chorus.models import load_adapter
 from chorus.planner import Planner, PlannerConfig
+from chorus.regions import MaskConfig, prompt_diff, region_mask
 from chorus.stage2 import Stage2Config
 from chorus.world import analyzer, prompts
 
@@ -126,6 +133,54 @@ def run(model: str, steps: int, k1: int, k2: int, alpha: float, n: int, seed: in
     }
 
 
+MASK_SETTINGS = {
+    "quarter of the maps, dilate 1 (default)": Stage2Config().mask,
+    "quarter of the maps, no dilation": MaskConfig(top_fraction=0.25, dilate=0, temporal_window=0),
+    "half of the maps, no dilation": MaskConfig(top_fraction=0.5, dilate=0, temporal_window=0),
+    "half of the maps, dilate 1, frames +-1": MaskConfig(top_fraction=0.5, dilate=1, temporal_window=1),
+}
+
+
+def mask_quality(model: str, steps: int, k1: int, n: int, seed: int) -> dict:
+    """Region masks of colour edits against the source object's tokens, per mask setting."""
+    adapter = load_adapter(model)
+    embedder = SentenceTransformerEmbedder()
+    planner = PlannerConfig(stage1=((0.0, k1 / steps),), stage2=((0.0, 1.0),), full_stage2_mask=1.0, no_stage2_mask=1.0)
+    engine = ChorusEngine(adapter, RequestCache(MemoryStore(1 << 32), embedder.dim), embedder, Planner(planner))
+    controller, layers = engine.region_reuse.controller, len(adapter.transformer.blocks)
+    max_len = adapter.defaults.max_sequence_length
+    scores: dict[str, list[tuple[float, float, float]]] = {name: [] for name in MASK_SETTINGS}
+    try:
+        for i, (source, target, _) in enumerate(tqdm(colour_edit_pairs(n, seed), desc="masks")):
+            miss = engine.generate(source, seed=seed + i, num_inference_steps=steps)
+            entry = engine.cache.store.get(miss.report.request_id)
+            frames = miss.frames  # [F, H, W, 3]
+            background = np.median(frames.reshape(-1, 3), 0)
+            obj = torch.from_numpy(np.abs(frames - background).sum(-1) > 0.3)  # [F, H, W]
+            pt, ph, pw = adapter.patch_size
+            f, h, w = obj.shape
+            obj = obj.view(f // pt, pt, h // ph, ph, w // pw, pw).any(5).any(3).any(1)
+            if not obj.any():
+                continue  # the source drew no object: nothing to localise
+            diff = prompt_diff(adapter.tokenizer, source, target, max_len)
+            queries = [entry.extras[query_name(k1, layer)][0] for layer in range(layers)]
+            keys = {
+                p: [k[0] for k in controller.text_keys(adapter.encode_prompt(p, None, 1.0, max_len).cond)]
+                for p in (source, target)
+            }
+            for name, config in MASK_SETTINGS.items():
+                mask = region_mask(tuple(obj.shape), diff, queries, keys[target], keys[source], config)
+                inter, union = (mask & obj).sum().item(), (mask | obj).sum().item()
+                scores[name].append((mask.float().mean().item(), inter / obj.sum().item(), inter / union))
+    finally:
+        engine.close()
+    return {
+        name: dict(zip(("mask_fraction", "object_recall", "iou"), np.mean(v, 0).round(3).tolist(), strict=True))
+        | {"pairs": len(v)}
+        for name, v in scores.items()
+    }
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -164,9 +219,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("docs/stage2"))
+    parser.add_argument("--mask-quality", action="store_true", help="measure the region masks only (see above)")
     args = parser.parse_args(argv)
     k1 = args.k1 if args.k1 is not None else max(1, round(args.steps / 4))
     k2 = args.k2 if args.k2 is not None else max(k1 + 1, round(3 * args.steps / 4))
+    if args.mask_quality:
+        quality = mask_quality(args.model, args.steps, k1, args.pairs, args.seed)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"mask_quality_{args.steps}.json").write_text(json.dumps(quality, indent=2))
+        for name, q in quality.items():
+            print(
+                f"{name:>40}: mask {q['mask_fraction']:.2f}  object recall {q['object_recall']:.2f}  IoU {q['iou']:.2f}"
+            )
+        return
     result = run(args.model, args.steps, k1, k2, args.alpha, args.pairs, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"region_reuse_{args.steps}"

@@ -179,6 +179,18 @@ def forward_kernel(value, shapes, starts, loc, attn, out, qblock):
                     out[n, q, m, d] = acc[d] + acc[D + d]
 
 
+@numba.njit(inline="always")
+def _corner_backward(value, grad_value, g, n, row, m, c, s):
+    """One in-frame corner on the edge path: returns s + <g, value[row]> and adds c * g to grad_value[row]
+    (g is a stack buffer: only its first D entries are the head's gradient)."""
+    D = value.shape[3]
+    for d in range(D):
+        s += g[d] * value[n, row, m, d]
+    for d in range(D):
+        grad_value[n, row, m, d] += c * g[d]
+    return s
+
+
 @numba.njit(**_JIT)
 def backward_kernel(value, shapes, starts, loc, attn, grad_out, grad_value, grad_loc, grad_attn):
     """Gradients of forward_kernel. `grad_value` has the layout of `value` and must start zeroed."""
@@ -254,25 +266,13 @@ def backward_kernel(value, shapes, starts, loc, attn, grad_out, grad_value, grad
                             grad_value[n, r3 + 1, m, d] += c4 * g[d]
                     else:
                         if top and left:
-                            for d in range(D):
-                                s1 += g[d] * value[n, r1, m, d]
-                            for d in range(D):
-                                grad_value[n, r1, m, d] += c1 * g[d]
+                            s1 = _corner_backward(value, grad_value, g, n, r1, m, c1, s1)
                         if top and right:
-                            for d in range(D):
-                                s2 += g[d] * value[n, r1 + 1, m, d]
-                            for d in range(D):
-                                grad_value[n, r1 + 1, m, d] += c2 * g[d]
+                            s2 = _corner_backward(value, grad_value, g, n, r1 + 1, m, c2, s2)
                         if bottom and left:
-                            for d in range(D):
-                                s3 += g[d] * value[n, r3, m, d]
-                            for d in range(D):
-                                grad_value[n, r3, m, d] += c3 * g[d]
+                            s3 = _corner_backward(value, grad_value, g, n, r3, m, c3, s3)
                         if bottom and right:
-                            for d in range(D):
-                                s4 += g[d] * value[n, r3 + 1, m, d]
-                            for d in range(D):
-                                grad_value[n, r3 + 1, m, d] += c4 * g[d]
+                            s4 = _corner_backward(value, grad_value, g, n, r3 + 1, m, c4, s4)
                     grad_attn[n, q, m, lvl, p] = (one - lh) * ((one - lw) * s1 + lw * s2) + lh * (
                         (one - lw) * s3 + lw * s4
                     )

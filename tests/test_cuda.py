@@ -23,22 +23,12 @@ def tiny_wan_dir(tmp_path_factory):
 
 
 def test_caching_off_reproduces_wan_pipeline_on_cuda(tiny_wan_dir):
-    from diffusers import WanPipeline
-
     from chorus.engine import ChorusEngine
     from chorus.models import load_adapter
+    from tests.chorus.conftest import CFG_REQUEST, wan_pipeline_frames
 
-    pipe = WanPipeline.from_pretrained(tiny_wan_dir).to("cuda")
-    kwargs = dict(TINY, num_inference_steps=4, guidance_scale=5.0, negative_prompt="blurry, static")
-    expected = pipe(
-        "a red circle moving left",
-        generator=torch.Generator().manual_seed(7),
-        output_type="np",
-        max_sequence_length=512,
-        **kwargs,
-    ).frames[0]
-    engine = ChorusEngine(load_adapter(tiny_wan_dir, device="cuda"))
-    result = engine.generate("a red circle moving left", seed=7, **kwargs)
+    expected = wan_pipeline_frames(tiny_wan_dir, device="cuda")
+    result = ChorusEngine(load_adapter(tiny_wan_dir, device="cuda")).generate(**CFG_REQUEST)
     assert np.abs(result.frames - expected).max() <= 1e-4
 
 

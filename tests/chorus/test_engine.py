@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from diffusers import WanPipeline
 
 from chorus.engine import ChorusEngine
 from chorus.models import load_adapter
 from chorus.planner import PlannerConfig
 
-from .conftest import TINY, build_tiny_wan_pipeline
+from .conftest import CFG_REQUEST, TINY, build_tiny_wan_pipeline, wan_pipeline_frames
 
 # Reuse whatever is at least this similar, 2 of 4 steps: makes hits deterministic in tests.
 ALWAYS_REUSE_HALF = PlannerConfig(stage1=((0.0, 0.5),), stage2=((0.0, 0.5),))
@@ -20,16 +18,8 @@ ALWAYS_REUSE_HALF = PlannerConfig(stage1=((0.0, 0.5),), stage2=((0.0, 0.5),))
 @pytest.mark.parametrize("scheduler", ["euler", "unipc"])
 def test_caching_off_reproduces_wan_pipeline(tmp_path, scheduler):
     build_tiny_wan_pipeline(scheduler).save_pretrained(tmp_path)
-    pipe = WanPipeline.from_pretrained(tmp_path)
-    kwargs = dict(TINY, num_inference_steps=4, guidance_scale=5.0, negative_prompt="blurry, static")
-    expected = pipe(
-        "a red circle moving left",
-        generator=torch.Generator().manual_seed(7),
-        output_type="np",
-        max_sequence_length=512,
-        **kwargs,
-    ).frames[0]
-    result = ChorusEngine(load_adapter(tmp_path)).generate("a red circle moving left", seed=7, **kwargs)
+    expected = wan_pipeline_frames(tmp_path)
+    result = ChorusEngine(load_adapter(tmp_path)).generate(**CFG_REQUEST)
     assert result.frames.shape == expected.shape
     assert np.abs(result.frames - expected).max() <= 1e-5
     assert result.report.outcome == "off"

@@ -62,6 +62,7 @@ GRIDS: dict[str, dict[str, Policy]] = {
         "alpha1": _variant(alpha=1.0),
         "alpha2": _variant(alpha=2.0),
         "alpha4": _variant(alpha=4.0),
+        "alpha8": _variant(alpha=8.0),
         "tight-mask": _variant(mask={"dilate": 0}),
         "half-maps-tight": _variant(mask={"top_fraction": 0.5, "dilate": 0}),  # the default before the retrained model
         "dilated-mask": _variant(mask={"dilate": 1, "temporal_window": 1}),

@@ -153,7 +153,7 @@ def mask_quality(model: str, steps: int, k1: int, n: int, seed: int) -> dict:
     try:
         for i, (source, target, _) in enumerate(tqdm(colour_edit_pairs(n, seed), desc="masks")):
             miss = engine.generate(source, seed=seed + i, num_inference_steps=steps)
-            entry = engine.cache.store.get(miss.report.request_id)
+            entry = engine.cache.load(miss.report.request_id)
             frames = miss.frames  # [F, H, W, 3]
             background = np.median(frames.reshape(-1, 3), 0)
             obj = torch.from_numpy(np.abs(frames - background).sum(-1) > 0.3)  # [F, H, W]

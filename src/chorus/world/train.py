@@ -272,10 +272,11 @@ class Batches(torch.utils.data.Dataset):
 
 
 def to_model_inputs(batch, embeds: torch.Tensor, null: torch.Tensor, device):
-    """A `Batches` item on `device`: x0 in [-1, 1] [B,3,F,H,W], noise, text embeddings [B,T,C], sigma [B]."""
+    """A `Batches` item on `device`: x0 in [-1, 1] [B,3,F,H,W], noise, text embeddings [B,T,C], sigma [B].
+    `embeds` ([P,T,C]) and `null` ([T,C]) are already on `device`."""
     idx, use_null, clips, noise, sigma = (t.to(device, non_blocking=True) for t in batch)
     x0 = clips.permute(0, 4, 1, 2, 3).float() / 255 * 2 - 1
-    text = torch.where(use_null[:, None, None], null.to(device), embeds[idx].float())
+    text = torch.where(use_null[:, None, None], null, embeds[idx].float())
     return x0, noise.float(), text, sigma
 
 
@@ -359,7 +360,7 @@ def train(
     else:
         pool = Pool.build(make_adapter(model, cfg), cfg, progress)
         pool.save(pool_path)
-    embeds = pool.dense(dev)
+    embeds, null = pool.dense(dev), pool.null.to(dev)
     loader = torch.utils.data.DataLoader(
         Batches(pool.items, cfg, few_step_sigmas(cfg.shift), step, max(step, cfg.steps)),
         batch_size=None,
@@ -389,7 +390,6 @@ def train(
             "model": model.state_dict(),
             "ema": ema.state_dict(),
             "opt": opt.state_dict(),
-            "torch_rng": torch.get_rng_state(),
             "step": step,
             "elapsed": elapsed,
         }
@@ -406,7 +406,7 @@ def train(
             break
         if cfg.budget_minutes > 0 and elapsed >= cfg.budget_minutes * 60:
             break
-        x0, noise, text, sigma = to_model_inputs(batch, embeds, pool.null, dev)
+        x0, noise, text, sigma = to_model_inputs(batch, embeds, null, dev)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
         pred = model(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=text, return_dict=False)[0]

@@ -244,17 +244,22 @@ def profile_op(preset: Preset, dtype=torch.float32, repeat: int = 5) -> dict[str
     out = torch.empty(N, Q, M, D, dtype=dtype)
     grad_out = torch.randn(N, Q, M, D, dtype=dtype)
     gv, gl, ga = torch.zeros_like(value), torch.empty_like(loc), torch.empty_like(attn)
+    order = cpu.query_order(loc.numpy(), ss.numpy())
     backward_op = torch.ops.xmsda.ms_deform_attn_backward
     pieces = {
         "forward op (torch.ops.xmsda.ms_deform_attn)": lambda: torch.ops.xmsda.ms_deform_attn(
             value, ss, lsi, loc, attn
         ),
-        "  forward kernel": lambda: cpu.forward_kernel(*args, out.numpy(), 64),
+        "  query order": lambda: cpu.query_order(loc.numpy(), ss.numpy()),
+        "  forward kernel": lambda: cpu.forward_kernel(*args, order, out.numpy(), 64),
         "backward op (xmsda.ms_deform_attn_backward)": lambda: backward_op(
             grad_out.view(N, Q, -1), value, ss, lsi, loc, attn
         ),
+        "  query order ": lambda: cpu.query_order(loc.numpy(), ss.numpy()),
         "  grad_value zero-fill": lambda: torch.zeros_like(value),
-        "  backward kernel": lambda: cpu.backward_kernel(*args, grad_out.numpy(), gv.numpy(), gl.numpy(), ga.numpy()),
+        "  backward kernel": lambda: cpu.backward_kernel(
+            *args, order, grad_out.numpy(), gv.numpy(), gl.numpy(), ga.numpy()
+        ),
     }
     result = {}
     for name, fn in pieces.items():

@@ -157,7 +157,8 @@ def _ms_deform_attn_op(
     ct = _compute_dtype(value.dtype)
     v, loc, attn = (t.detach().to(ct).contiguous() for t in (value, sampling_locations, attention_weights))
     out = torch.empty(N, loc.shape[1], M, D, dtype=ct)
-    cpu_kernels.forward_kernel(v.numpy(), shapes, starts, loc.numpy(), attn.numpy(), out.numpy(), 64)
+    order = cpu_kernels.query_order(loc.numpy(), shapes)
+    cpu_kernels.forward_kernel(v.numpy(), shapes, starts, loc.numpy(), attn.numpy(), order, out.numpy(), 64)
     return out.view(N, loc.shape[1], M * D).to(value.dtype)
 
 
@@ -205,6 +206,7 @@ def _ms_deform_attn_backward_op(
         starts,
         loc.numpy(),
         attn.numpy(),
+        cpu_kernels.query_order(loc.numpy(), shapes),
         grad_out.numpy(),
         grad_value.numpy(),
         grad_loc.numpy(),

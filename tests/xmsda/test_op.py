@@ -118,6 +118,31 @@ def test_backward_is_deterministic_across_runs_and_thread_counts(numba_threads):
             assert torch.equal(a, b)
 
 
+def test_query_order_is_a_locality_preserving_permutation():
+    from xmsda.kernels import cpu
+
+    _, ss, _, loc, _ = make_inputs(N=2, shapes=((32, 32), (16, 16)), Q=500, M=2, P=2, spread=(0.0, 1.0))
+    loc[0, :7] = float("nan")  # non-finite locations still get a place
+    order = torch.from_numpy(cpu.query_order(loc.numpy(), ss.numpy()))
+    for n in range(2):
+        assert torch.equal(order[n].sort().values, torch.arange(500))
+    # Consecutive queries in the order sample close together: on a Z-order curve the mean step between the
+    # mean locations of successive queries is far below that of the original (random) order.
+    centre = loc[1, :, :, 0].mean((1, 2))  # [Q, 2]
+    step = (centre[order[1]].diff(dim=0)).norm(dim=1).mean()
+    assert step < 0.3 * centre.diff(dim=0).norm(dim=1).mean()
+
+
+def test_results_do_not_depend_on_the_order_queries_come_in():
+    # The kernels visit queries in their own (location-sorted) order; each query's output is computed alone, so
+    # permuting the queries permutes the output bit for bit.
+    inputs = make_inputs(N=1, shapes=((12, 16), (6, 8)), Q=200, M=2, D=8, P=3, dtype=torch.float32, spread=(0, 1))
+    value, ss, lsi, loc, attn = inputs
+    perm = torch.randperm(200, generator=torch.Generator().manual_seed(3))
+    out = op(value, ss, lsi, loc, attn)
+    assert torch.equal(op(value, ss, lsi, loc[:, perm], attn[:, perm]), out[:, perm])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_computes_in_float32(dtype):
     inputs = make_inputs(N=2, shapes=((12, 16), (6, 8)), Q=50, M=2, D=16, P=4, dtype=torch.float32)

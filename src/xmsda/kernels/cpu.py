@@ -22,6 +22,12 @@ count. Heads are the innermost task loop in both, so the per-query tensors (loca
 gradient, all `[N, Q, M, ...]`) stream contiguously: with heads outermost, their 1 KiB stride made the backward's
 reads of grad_out alone cost a third of its time.
 
+Query order: both kernels visit the queries in the order `query_order` returns, along a Z-order (Morton) curve of
+where each query samples. Queries that sample near each other then run one after another and find their value rows
+still in L1/L2; in Deformable DETR's encoder, row-major order sweeps a band of the map several rows high that (at
+every level together) exceeds the 1 MiB L2. Measured on detr-encoder: forward 1.35x and backward 1.27x faster. The
+order is a function of the locations alone (a stable sort), so results stay bit-identical for any thread count.
+
 Bilinear taps follow grid_sample (align_corners=False, zero padding): pixel coordinates x*W - 0.5, y*H - 0.5 (see
 _pixel for the exact rounding); a corner outside the map reads zero and receives no gradient. Points whose four
 corners are all inside take a fused loop; the rest test each corner.
@@ -99,9 +105,48 @@ def _cells(loc, n, q, m, g, half_size, limit, one, frac, cell):
         cell[i] = np.int32(f)
 
 
+@numba.njit(inline="always")
+def _spread_bits(v):
+    """The low 16 bits of v moved to the even bit positions (Morton interleaving)."""
+    v &= 0xFFFF
+    v = (v | (v << 8)) & 0x00FF00FF
+    v = (v | (v << 4)) & 0x0F0F0F0F
+    v = (v | (v << 2)) & 0x33333333
+    return (v | (v << 1)) & 0x55555555
+
+
 @numba.njit(**_JIT)
-def forward_kernel(value, shapes, starts, loc, attn, out, qblock):
-    """out[n, q, m, :] = sum over (l, p) of attn * bilinear(value[n, m] at level l, loc)."""
+def query_order(loc, shapes):
+    """`[N, Q]` int64: each batch's queries sorted along a Z-order curve of the mean location of their first level's
+    points, at the resolution of the finest level (ties keep their original order)."""
+    N, Q, M, _, P, _ = loc.shape
+    width = np.float64(shapes[:, 1].max())
+    height = np.float64(shapes[:, 0].max())
+    keys = np.empty((N, Q), np.int64)
+    for task in numba.prange(N * Q):
+        n = task // Q
+        q = task % Q
+        sx = 0.0
+        sy = 0.0
+        for m in range(M):
+            for p in range(P):
+                sx += loc[n, q, m, 0, p, 0]
+                sy += loc[n, q, m, 0, p, 1]
+        x = sx / (M * P) * width
+        y = sy / (M * P) * height
+        x = x if x > 0.0 else 0.0  # also maps NaN to 0
+        y = y if y > 0.0 else 0.0
+        keys[n, q] = _spread_bits(np.int64(min(x, 65535.0))) | (_spread_bits(np.int64(min(y, 65535.0))) << 1)
+    order = np.empty((N, Q), np.int64)
+    for n in numba.prange(N):
+        order[n] = np.argsort(keys[n], kind="mergesort")
+    return order
+
+
+@numba.njit(**_JIT)
+def forward_kernel(value, shapes, starts, loc, attn, order, out, qblock):
+    """out[n, q, m, :] = sum over (l, p) of attn * bilinear(value[n, m] at level l, loc); queries are visited in
+    blocks of `qblock` in `order` (see query_order)."""
     N, _, M, D = value.shape
     Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
     K = L * P
@@ -130,7 +175,8 @@ def forward_kernel(value, shapes, starts, loc, attn, out, qblock):
             limit[2 * j + 1] = t(heights[j])
             half_size[2 * j] = limit[2 * j] / (one + one)
             half_size[2 * j + 1] = limit[2 * j + 1] / (one + one)
-        for q in range(q_begin, min(Q, q_begin + qblock)):
+        for i in range(q_begin, min(Q, q_begin + qblock)):
+            q = order[n, i]
             for m in range(M):
                 _cells(loc5, n, q, m, 0, half_size, limit, one, frac, cell)
                 for d in range(2 * D):
@@ -192,8 +238,9 @@ def _corner_backward(value, grad_value, g, n, row, m, c, s):
 
 
 @numba.njit(**_JIT)
-def backward_kernel(value, shapes, starts, loc, attn, grad_out, grad_value, grad_loc, grad_attn):
-    """Gradients of forward_kernel. `grad_value` has the layout of `value` and must start zeroed."""
+def backward_kernel(value, shapes, starts, loc, attn, order, grad_out, grad_value, grad_loc, grad_attn):
+    """Gradients of forward_kernel, visiting the queries in `order`. `grad_value` has the layout of `value` and must
+    start zeroed."""
     N, _, M, D = value.shape
     Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
     t = value.dtype.type
@@ -202,7 +249,7 @@ def backward_kernel(value, shapes, starts, loc, attn, grad_out, grad_value, grad
     # Tasks own (batch, level, slice of heads): disjoint parts of grad_value. Heads are the inner loop, so the
     # per-query tensors stream contiguously. Slicing the heads cuts those streams (measured 1.4x slower with two
     # slices), so it is only used when N*L is too small to keep a few threads busy. Each element of grad_value is
-    # accumulated in (q, p) order whatever the slicing, so results do not depend on it.
+    # accumulated in (order, p) order whatever the slicing, so results do not depend on it.
     slices = min(M, max(1, 4 // (N * L)))
     per_slice = (M + slices - 1) // slices
     for task in numba.prange(N * L * slices):
@@ -221,7 +268,8 @@ def backward_kernel(value, shapes, starts, loc, attn, grad_out, grad_value, grad
             limit[2 * p + 1] = t(H)
             half_size[2 * p] = t(W) / (one + one)
             half_size[2 * p + 1] = t(H) / (one + one)
-        for q in range(Q):
+        for i in range(Q):
+            q = order[n, i]
             for m in range(m_begin, min(M, m_begin + per_slice)):
                 _cells(loc5, n, q, m, lvl, half_size, limit, one, frac, cell)
                 for d in range(D):

@@ -76,13 +76,15 @@ class MSDeformAttn(nn.Module):
         attention_weights = self.attention_weights(query).view(N, Len_q, self.n_heads, self.n_levels * self.n_points)
         attention_weights = F.softmax(attention_weights, -1).view(N, Len_q, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] == 2:
-            # (W, H) as floats: dividing by the integer tensor takes a slow mixed-dtype path (3x here)
+            # Same values as Deformable DETR's broadcast `ref[:, :, None, :, None] + offsets / normalizer`, but the
+            # small operands are first expanded to a query-head's whole (L, P, 2) block: broadcasting inside that
+            # block left TensorIterator a 2-element inner loop (division 2.5x and addition 1.8x slower here). The
+            # normalizer is (W, H) as floats: dividing by the integer tensor takes a slow mixed-dtype path.
+            L, P = self.n_levels, self.n_points
             offset_normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
-            offset_normalizer = offset_normalizer.to(sampling_offsets.dtype)
-            sampling_locations = (
-                reference_points[:, :, None, :, None, :]
-                + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
-            )
+            offset_normalizer = offset_normalizer.to(sampling_offsets.dtype)[:, None, :].expand(L, P, 2).contiguous()
+            reference_block = reference_points[:, :, None, :, None, :].expand(N, Len_q, 1, L, P, 2).contiguous()
+            sampling_locations = reference_block + sampling_offsets / offset_normalizer
         elif reference_points.shape[-1] == 4:
             sampling_locations = (
                 reference_points[:, :, None, :, None, :2]

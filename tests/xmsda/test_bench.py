@@ -1,0 +1,47 @@
+"""`xmsda bench` on the tiny preset: every variant and phase timed, ratios, the free-core row, memory probes."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from xmsda import bench
+from xmsda.cli import main
+
+
+def test_bench_cli_reports_every_variant_phase_and_the_free_core(tmp_path, capsys):
+    report = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "tiny", "--repeat", "2", "--no-memory", "--quiet", "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert result["preset"]["name"] == "tiny" and result["threads"] >= 1
+    for phase in bench.PHASES:
+        entry = result["phases"][phase]
+        expected = set(bench.VARIANTS) | ({bench.FREE_CORE} if phase == "train_step" else set())
+        assert set(entry) == expected
+        for e in entry.values():
+            assert len(e["times_s"]) == 2 and e["median_s"] > 0
+            assert e["speedup_vs_grid_sample"] == entry["grid_sample"]["median_s"] / e["median_s"]
+    assert set(result["profile"]["op_pieces_s"]) >= {"  forward kernel", "  backward kernel"}
+    assert result["profile"]["train_step_top_ops"]
+    out = capsys.readouterr().out
+    assert "free-core" in out and "vs grid_sample" in out and "GFLOP/s" in out
+
+
+def test_bench_cli_rejects_unknown_variants(capsys):
+    assert main(["bench", "--preset", "tiny", "--variants", "xmsda,cuda"]) == 2
+    assert "unknown ['cuda']" in capsys.readouterr().err
+
+
+def test_free_core_passes_zero_gradients_to_the_linear_layers():
+    step = bench._free_core_step(bench.PRESETS["tiny"], torch.float32)
+    step()
+    module = step.module
+    # The core's zero gradients still reach every projection, so their weight-gradient matmuls run.
+    for name in ("value_proj", "sampling_offsets", "attention_weights", "output_proj"):
+        assert getattr(module, name).weight.grad is not None
+
+
+def test_memory_probe_measures_a_phase_in_a_subprocess():
+    peak = bench.measure_memory(bench.PRESETS["tiny"], "grid_sample", "forward", torch.float32, threads=1)
+    assert peak is not None and peak >= 0

@@ -246,6 +246,8 @@ def profile_op(preset: Preset, dtype=torch.float32, repeat: int = 5) -> dict[str
     grad_out = torch.randn(N, Q, M, D, dtype=dtype)
     gv, gl, ga = torch.zeros_like(value), torch.empty_like(loc), torch.empty_like(attn)
     order = cpu.query_order(loc.numpy(), ss.numpy())
+    # Every point at one location: every gather hits L1, so these time the kernels' instructions alone.
+    args_l1 = (*args[:3], torch.full_like(loc, 0.5).numpy(), args[4], order)
     backward_op = torch.ops.xmsda.ms_deform_attn_backward
     pieces = {
         "forward op (torch.ops.xmsda.ms_deform_attn)": lambda: torch.ops.xmsda.ms_deform_attn(
@@ -253,6 +255,7 @@ def profile_op(preset: Preset, dtype=torch.float32, repeat: int = 5) -> dict[str
         ),
         "  query order": lambda: cpu.query_order(loc.numpy(), ss.numpy()),
         "  forward kernel": lambda: cpu.forward_kernel(*args, order, out.numpy(), 64),
+        "  forward kernel, all gathers in L1": lambda: cpu.forward_kernel(*args_l1, out.numpy(), 64),
         "backward op (xmsda.ms_deform_attn_backward)": lambda: backward_op(
             grad_out.view(N, Q, -1), value, ss, lsi, loc, attn
         ),
@@ -260,6 +263,9 @@ def profile_op(preset: Preset, dtype=torch.float32, repeat: int = 5) -> dict[str
         "  grad_value zero-fill": lambda: torch.zeros_like(value),
         "  backward kernel": lambda: cpu.backward_kernel(
             *args, order, grad_out.numpy(), gv.numpy(), gl.numpy(), ga.numpy()
+        ),
+        "  backward kernel, all gathers in L1": lambda: cpu.backward_kernel(
+            *args_l1, grad_out.numpy(), gv.numpy(), gl.numpy(), ga.numpy()
         ),
     }
     result = {}

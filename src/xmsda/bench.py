@@ -260,7 +260,6 @@ def profile_op(preset: Preset, dtype=torch.float32, repeat: int = 5) -> dict[str
             grad_out.view(N, Q, -1), value, ss, lsi, loc, attn
         ),
         "  query order (again, from the same inputs)": lambda: cpu.query_order(loc.numpy(), ss.numpy()),
-        "  grad_value zero-fill": lambda: torch.zeros_like(value),
         "  backward kernel": lambda: cpu.backward_kernel(
             *args, order, grad_out.numpy(), gv.numpy(), gl.numpy(), ga.numpy()
         ),

@@ -6,8 +6,10 @@ Three variants compute the same function:
   gather       corner gathers in stock PyTorch (`reference.ms_deform_attn_gather`)
 
 Phases: `forward` (no autograd), `backward` (the backward pass alone, after an untimed forward with autograd), and
-`train_step` (a whole `MSDeformAttn` module: forward, loss, backward, SGD step). Times are medians over `repeat` runs
-after one warm-up, all variants in one process, interleaved so that load from other processes hits them alike.
+`train_step` (a whole `MSDeformAttn` module: forward, loss, backward, SGD step). With the profile on, the training
+step also times a `free-core` module whose sampling core costs nothing: the part of the step no op can remove.
+Times are medians over `repeat` runs after one warm-up, all variants in one process, interleaved so that load from
+other processes hits them alike.
 
 Peak memory: each (variant, phase) runs once more in a fresh subprocess that builds the inputs, warms up on a tiny
 problem, reads its resident set size (VmRSS), resets the kernel's high-water mark (`/proc/self/clear_refs`), runs the

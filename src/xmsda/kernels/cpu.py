@@ -5,10 +5,12 @@ so no transposes surround them. With heads as the innermost task loop (see below
 contiguous run, and the two horizontally adjacent corners of a tap are M*D elements apart. A head-major `[N, M, S, D]`
 copy (each head's map dense) was measured too: same forward speed, 1.15x slower backward, plus the copies.
 
-Channels: every channel loop indexes the last axis of a C-contiguous array with the loop counter, so LLVM emits
-contiguous AVX-512/AVX2 vector loads (a flat index `base + d` of unknown sign would become a gather, because numba
-wraps negative indices). Per-query accumulators live in stack buffers, which LLVM knows alias no array argument, so
-the loops need no runtime overlap checks.
+Channels: the backward's interior points (all four corners inside: nearly all of them) run explicit 64-byte vector
+code (`simd.interior_corners_backward`, ~10% faster than the loops it replaced; see there why). Every other channel
+loop indexes the last axis of a C-contiguous array with the loop counter, so LLVM emits contiguous vector loads (a
+flat index `base + d` of unknown sign would become a gather, because numba wraps negative indices). Per-query
+accumulators live in stack buffers, which LLVM knows alias no array argument, so the loops need no runtime overlap
+checks.
 
 Two phases per query: first the pixel cells and fractions of all its coordinates in one branch-free loop that LLVM
 vectorises (`_cells`), then per point the four-corner gather-FMA over the channels. Doing the coordinate arithmetic
@@ -40,6 +42,8 @@ import numpy as np
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from .simd import interior_corners_backward
 
 # Size of the per-thread stack buffers: bounds the channels per head (two accumulators of D) and L*P*2.
 MAX_CHANNELS = 512
@@ -298,20 +302,7 @@ def backward_kernel(value, shapes, starts, loc, attn, order, grad_out, grad_valu
                     s4 = t(0)
                     top, bottom, left, right = h0 >= 0, h0 < H - 1, w0 >= 0, w0 < W - 1
                     if top and bottom and left and right:
-                        for d in range(D):
-                            s1 += g[d] * value[n, r1, m, d]
-                            s2 += g[d] * value[n, r1 + 1, m, d]
-                            s3 += g[d] * value[n, r3, m, d]
-                            s4 += g[d] * value[n, r3 + 1, m, d]
-                        # One store stream per loop: rows of the same array, which LLVM cannot prove disjoint.
-                        for d in range(D):
-                            grad_value[n, r1, m, d] += c1 * g[d]
-                        for d in range(D):
-                            grad_value[n, r1 + 1, m, d] += c2 * g[d]
-                        for d in range(D):
-                            grad_value[n, r3, m, d] += c3 * g[d]
-                        for d in range(D):
-                            grad_value[n, r3 + 1, m, d] += c4 * g[d]
+                        s1, s2, s3, s4 = interior_corners_backward(value, grad_value, g, n, r1, r3, m, c1, c2, c3, c4)
                     else:
                         if top and left:
                             s1 = _corner_backward(value, grad_value, g, n, r1, m, c1, s1)

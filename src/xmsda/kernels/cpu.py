@@ -18,8 +18,8 @@ point by point in scalar code cost more than the channel loops themselves.
 
 Work partition (no atomics, deterministic): the forward splits over (batch, block of queries), each task owning its
 output rows. The backward splits over (batch, level, slice of heads): a level's value rows are disjoint from every
-other level's, so each task owns its rows of the value gradient and accumulates into them in a fixed (query, point)
-order; the gradients of locations and weights are owned per level too. The result is bit-identical for any thread
+other level's, so each task owns its rows of the value gradient and accumulates into them in a fixed (query order,
+point) order; the gradients of locations and weights are owned per level too. The result is bit-identical for any thread
 count. Heads are the innermost task loop in both, so the per-query tensors (locations, weights, output, output
 gradient, all `[N, Q, M, ...]`) stream contiguously: with heads outermost, their 1 KiB stride made the backward's
 reads of grad_out alone cost a third of its time.
@@ -32,7 +32,8 @@ order is a function of the locations alone (a stable sort), so results stay bit-
 
 Bilinear taps follow grid_sample (align_corners=False, zero padding): pixel coordinates x*W - 0.5, y*H - 0.5 (see
 _pixel for the exact rounding); a corner outside the map reads zero and receives no gradient. Points whose four
-corners are all inside take a fused loop; the rest test each corner.
+corners are all inside take a fused path (in the backward, `simd.interior_corners_backward`); the rest test each
+corner.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ the four dot products of a point ended in its own horizontal reduction. Here one
 or 8 float64 lanes) handles the four corners, the dot products share one transposed reduction, and the remainder
 channels (D not a multiple of the lane count) run in scalar code. Measured on detr-encoder: backward kernel ~10%
 faster. Every operation is a fused multiply-add or an addition in a fixed order, so results are deterministic.
+
+numba's on-disk cache of the kernels in cpu.py is keyed on that file alone: after editing this one, delete
+`src/xmsda/kernels/__pycache__` (or touch cpu.py) so that the kernels are compiled again.
 """
 
 from __future__ import annotations

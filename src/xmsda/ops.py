@@ -167,7 +167,7 @@ def _ms_deform_attn_op(
     v, loc, attn = (t.detach().to(ct).contiguous() for t in (value, sampling_locations, attention_weights))
     out = _new_tensor(N, loc.shape[1], M, D, dtype=ct)
     order = cpu_kernels.query_order(loc.numpy(), shapes)
-    cpu_kernels.forward_kernel(v.numpy(), shapes, starts, loc.numpy(), attn.numpy(), order, out.numpy(), 64)
+    cpu_kernels.forward(v.numpy(), shapes, starts, loc.numpy(), attn.numpy(), order, out.numpy())
     return out.view(N, loc.shape[1], M * D).to(value.dtype)
 
 

@@ -230,6 +230,22 @@ def forward_kernel(value, shapes, starts, loc, attn, order, out, qblock):
                     out[n, q, m, d] = acc[d] + acc[D + d]
 
 
+# Forward tasks are handed out a few blocks at a time instead of one contiguous share per thread, so that when another
+# process takes a core (a data loader, say) the other thread picks up the slack. With a CPU-bound process beside it,
+# detr-encoder's forward took 106 instead of 122 ms; on an idle machine it makes no difference. (The backward's few,
+# equal tasks gain nothing from it.)
+FORWARD_CHUNK = 4
+
+
+def forward(value, shapes, starts, loc, attn, order, out, qblock=64):
+    """forward_kernel with FORWARD_CHUNK-sized dynamic scheduling."""
+    previous = numba.set_parallel_chunksize(FORWARD_CHUNK)
+    try:
+        forward_kernel(value, shapes, starts, loc, attn, order, out, qblock)
+    finally:
+        numba.set_parallel_chunksize(previous)
+
+
 @numba.njit(inline="always")
 def _corner_backward(value, grad_value, g, n, row, m, c, s):
     """One in-frame corner on the edge path: returns s + <g, value[row]> and adds c * g to grad_value[row]

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 
 import numba
+import numpy as np
 import torch
 
 from .nn import MSDeformAttn
@@ -248,26 +249,31 @@ def profile_op(preset: Preset, dtype=torch.float32, repeat: int = 5) -> dict[str
     grad_out = torch.randn(N, Q, M, D, dtype=dtype)
     gv, gl, ga = torch.zeros_like(value), torch.empty_like(loc), torch.empty_like(attn)
     order = cpu.query_order(loc.numpy(), ss.numpy())
-    # Every point at one location: every gather hits L1, so these time the kernels' instructions alone.
-    args_l1 = (*args[:3], torch.full_like(loc, 0.5).numpy(), args[4], order)
+    # Ablations: queries in the order they come (row-major for the encoder presets) instead of the Z-order; and every
+    # point at one location, so that every gather hits L1 and the kernels' instructions alone are timed.
+    given_order = np.tile(np.arange(Q), (N, 1))
+    args_l1 = (*args[:3], torch.full_like(loc, 0.5).numpy(), args[4])
     backward_op = torch.ops.xmsda.ms_deform_attn_backward
+
+    def backward_kernel(kernel_args, kernel_order):
+        return lambda: cpu.backward_kernel(
+            *kernel_args, kernel_order, grad_out.numpy(), gv.numpy(), gl.numpy(), ga.numpy()
+        )
+
     pieces = {
         "forward op (torch.ops.xmsda.ms_deform_attn)": lambda: torch.ops.xmsda.ms_deform_attn(
             value, ss, lsi, loc, attn
         ),
-        "  query order": lambda: cpu.query_order(loc.numpy(), ss.numpy()),
-        "  forward kernel": lambda: cpu.forward_kernel(*args, order, out.numpy(), 64),
-        "  forward kernel, all gathers in L1": lambda: cpu.forward_kernel(*args_l1, out.numpy(), 64),
+        "  query order (the backward op computes it too)": lambda: cpu.query_order(loc.numpy(), ss.numpy()),
+        "  forward kernel": lambda: cpu.forward(*args, order, out.numpy()),
+        "  forward kernel, queries in given order": lambda: cpu.forward(*args, given_order, out.numpy()),
+        "  forward kernel, all gathers in L1": lambda: cpu.forward(*args_l1, order, out.numpy()),
         "backward op (xmsda.ms_deform_attn_backward)": lambda: backward_op(
             grad_out.view(N, Q, -1), value, ss, lsi, loc, attn
         ),
-        "  query order (again, from the same inputs)": lambda: cpu.query_order(loc.numpy(), ss.numpy()),
-        "  backward kernel": lambda: cpu.backward_kernel(
-            *args, order, grad_out.numpy(), gv.numpy(), gl.numpy(), ga.numpy()
-        ),
-        "  backward kernel, all gathers in L1": lambda: cpu.backward_kernel(
-            *args_l1, grad_out.numpy(), gv.numpy(), gl.numpy(), ga.numpy()
-        ),
+        "  backward kernel": backward_kernel(args, order),
+        "  backward kernel, queries in given order": backward_kernel(args, given_order),
+        "  backward kernel, all gathers in L1": backward_kernel(args_l1, order),
     }
     result = {}
     for name, fn in pieces.items():

@@ -99,3 +99,26 @@ def test_xmsda_cuda_tensors_use_the_reference_with_a_warning():
     direct_grads = torch.autograd.grad(direct.sum(), (value, loc, weights))
     for g, e in zip(direct_grads, expected_grads, strict=True):
         torch.testing.assert_close(g, e)
+
+
+def test_xmsda_offsets_op_on_cuda_uses_the_reference():
+    from xmsda.ops import locations_from_offsets, ms_deform_attn_offsets
+    from xmsda.reference import ms_deform_attn_core_pytorch
+
+    torch.manual_seed(0)
+    shapes = torch.tensor([[6, 7], [3, 4]], device="cuda")
+    start = torch.tensor([0, 42], device="cuda")
+    value = torch.randn(2, 54, 2, 8, device="cuda", requires_grad=True)
+    ref = torch.rand(2, 5, 2, 2, device="cuda", requires_grad=True)
+    offsets = torch.randn(2, 5, 2, 2, 3, 2, device="cuda", requires_grad=True)
+    weights = torch.rand(2, 5, 2, 2, 3, device="cuda").softmax(-1).requires_grad_()
+    leaves = (value, ref, offsets, weights)
+    expected = ms_deform_attn_core_pytorch(value, shapes, locations_from_offsets(ref, offsets, shapes), weights)
+    expected_grads = torch.autograd.grad(expected.sum(), leaves)
+    for out in (
+        ms_deform_attn_offsets(value, shapes, start, ref, offsets, weights),
+        torch.ops.xmsda.ms_deform_attn_offsets(value, shapes, start, ref, offsets, weights),
+    ):
+        torch.testing.assert_close(out, expected)
+        for g, e in zip(torch.autograd.grad(out.sum(), leaves), expected_grads, strict=True):
+            torch.testing.assert_close(g, e)

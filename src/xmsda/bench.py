@@ -6,8 +6,10 @@ Three variants compute the same function:
   gather       corner gathers in stock PyTorch (`reference.ms_deform_attn_gather`)
 
 Phases: `forward` (no autograd), `backward` (the backward pass alone, after an untimed forward with autograd), and
-`train_step` (a whole `MSDeformAttn` module: forward, loss, backward, SGD step). With the profile on, the training
-step also times a `free-core` module whose sampling core costs nothing: the part of the step no op can remove.
+`train_step` (a whole `MSDeformAttn` module: forward, loss, backward, SGD step). In the module, xmsda computes the
+sampling locations inside the op (`ms_deform_attn_offsets`); the other variants compute them in torch, as Deformable
+DETR does. With the profile on, the training step also times a `free-core` module whose sampling core (with the
+location arithmetic) costs nothing: the part of the step no op can remove.
 Times are medians over `repeat` runs after one warm-up, all variants in one process, interleaved so that load from
 other processes hits them alike.
 
@@ -36,7 +38,7 @@ import numpy as np
 import torch
 
 from .nn import MSDeformAttn
-from .ops import ms_deform_attn
+from .ops import locations_from_offsets, ms_deform_attn
 from .reference import ms_deform_attn_core_pytorch, ms_deform_attn_gather
 
 __all__ = ["PRESETS", "Preset", "run_benchmark"]
@@ -122,13 +124,27 @@ def make_op_inputs(preset: Preset, dtype=torch.float32, seed=0):
 
 
 class _Module(MSDeformAttn):
-    def __init__(self, preset: Preset, core: Callable):
+    """`MSDeformAttn` on a variant's core. xmsda is the module as shipped (locations computed inside the op); the
+    others get the locations computed in torch, as in Deformable DETR."""
+
+    def __init__(self, preset: Preset, variant: str):
         L = len(preset.shapes)
         super().__init__(preset.heads * preset.head_dim, L, preset.heads, preset.points)
-        self.core = core
+        self.variant = variant
 
     def attend(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        return self.core(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        core = VARIANTS[self.variant]
+        return core(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+    def attend_offsets(
+        self, value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights
+    ):
+        if self.variant == "xmsda":
+            return super().attend_offsets(
+                value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights
+            )
+        loc = locations_from_offsets(reference_points, sampling_offsets, spatial_shapes)
+        return self.attend(value, spatial_shapes, level_start_index, loc, attention_weights)
 
 
 def make_module_inputs(preset: Preset, dtype=torch.float32, seed=0):
@@ -144,7 +160,7 @@ def make_module_inputs(preset: Preset, dtype=torch.float32, seed=0):
 
 def _make_module(preset: Preset, variant: str, dtype, seed=0) -> _Module:
     torch.manual_seed(seed)
-    module = _Module(preset, VARIANTS[variant]).to(dtype)
+    module = _Module(preset, variant).to(dtype)
     # Mid-training weights: with Deformable DETR's initialisation every point sits exactly on a pixel centre.
     with torch.no_grad():
         module.sampling_offsets.weight.normal_(0.0, 0.02)
@@ -244,15 +260,15 @@ def profile_op(preset: Preset, dtype=torch.float32, repeat: int = 5) -> dict[str
     value, ss, lsi, loc, attn = make_op_inputs(preset, dtype)
     N, _, M, D = value.shape
     Q = loc.shape[1]
-    args = (value.numpy(), ss.numpy(), lsi.numpy(), loc.numpy(), attn.numpy())
+    args = (value.numpy(), ss.numpy(), lsi.numpy(), loc.numpy(), None, attn.numpy())
     out = torch.empty(N, Q, M, D, dtype=dtype)
     grad_out = torch.randn(N, Q, M, D, dtype=dtype)
     gv, gl, ga = torch.zeros_like(value), torch.empty_like(loc), torch.empty_like(attn)
-    order = cpu.query_order(loc.numpy(), ss.numpy())
+    order = cpu.query_order(loc.numpy(), ss.numpy(), None)
     # Ablations: queries in the order they come (row-major for the encoder presets) instead of the Z-order; and every
     # point at one location, so that every gather hits L1 and the kernels' instructions alone are timed.
     given_order = np.tile(np.arange(Q), (N, 1))
-    args_l1 = (*args[:3], torch.full_like(loc, 0.5).numpy(), args[4])
+    args_l1 = (*args[:3], torch.full_like(loc, 0.5).numpy(), *args[4:])
     backward_op = torch.ops.xmsda.ms_deform_attn_backward
 
     def backward_kernel(kernel_args, kernel_order):
@@ -264,7 +280,7 @@ def profile_op(preset: Preset, dtype=torch.float32, repeat: int = 5) -> dict[str
         "forward op (torch.ops.xmsda.ms_deform_attn)": lambda: torch.ops.xmsda.ms_deform_attn(
             value, ss, lsi, loc, attn
         ),
-        "  query order (the backward op computes it too)": lambda: cpu.query_order(loc.numpy(), ss.numpy()),
+        "  query order (the backward op computes it too)": lambda: cpu.query_order(loc.numpy(), ss.numpy(), None),
         "  forward kernel": lambda: cpu.forward(*args, order, out.numpy()),
         "  forward kernel, queries in given order": lambda: cpu.forward(*args, given_order, out.numpy()),
         "  forward kernel, all gathers in L1": lambda: cpu.forward(*args_l1, order, out.numpy()),
@@ -299,8 +315,9 @@ def profile_train_step(preset: Preset, dtype=torch.float32, top: int = 8) -> lis
 
 
 class _FreeCore(torch.autograd.Function):
-    """Stands in for the sampling core at no cost beyond allocating its output and zero gradients, so that the
-    linear layers upstream still get gradients: a module step with it measures everything but the core."""
+    """Stands in for the sampling core (with the location arithmetic, which xmsda's is fused with) at no cost beyond
+    allocating its output and zero gradients, so that the linear layers upstream still get gradients: a module step
+    with it measures everything but the core."""
 
     @staticmethod
     def forward(ctx, value, sampling_locations, attention_weights):
@@ -319,7 +336,7 @@ FREE_CORE = "free-core"
 def _free_core_step(preset: Preset, dtype) -> Callable[[], None]:
     """A module training step whose sampling core is `_FreeCore`: the time no core, however fast, can remove."""
     runner = _phase_runner(preset, "xmsda", "train_step", dtype)
-    runner.module.core = lambda v, ss, lsi, loc, attn: _FreeCore.apply(v, loc, attn)
+    runner.module.attend_offsets = lambda v, ss, lsi, ref, offsets, attn: _FreeCore.apply(v, offsets, attn)
     return runner
 
 
@@ -448,7 +465,7 @@ def format_report(result: dict) -> str:
         lines += [
             "",
             f"{FREE_CORE}: the module's training step with a sampling core that costs nothing (linear layers,",
-            "softmax, location arithmetic, loss, optimizer): time no op can remove, the highest ratio any op reaches.",
+            "softmax, loss, optimizer): time no op can remove, the highest ratio any op reaches.",
         ]
     roof = result.get("roofline")
     if roof:

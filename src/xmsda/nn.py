@@ -1,7 +1,8 @@
 """`MSDeformAttn`: Deformable DETR's multi-scale deformable attention module on top of the xmsda op.
 
 Same constructor, parameter names, initialisation and forward as `models/ops/modules/ms_deform_attn.py` in
-Deformable DETR, so its checkpoints load unchanged.
+Deformable DETR, so its checkpoints load unchanged. With point reference points (the encoder, and the decoder without
+boxes) the sampling locations are computed inside the kernels (`ms_deform_attn_offsets`), with the same values.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import ms_deform_attn
+from .ops import ms_deform_attn, ms_deform_attn_offsets
 
 __all__ = ["MSDeformAttn"]
 
@@ -76,29 +77,37 @@ class MSDeformAttn(nn.Module):
         attention_weights = self.attention_weights(query).view(N, Len_q, self.n_heads, self.n_levels * self.n_points)
         attention_weights = F.softmax(attention_weights, -1).view(N, Len_q, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] == 2:
-            # Same values as Deformable DETR's broadcast `ref[:, :, None, :, None] + offsets / normalizer`, but the
-            # small operands are first expanded to a query-head's whole (L, P, 2) block: broadcasting inside that
-            # block left TensorIterator a 2-element inner loop (division 2.5x and addition 1.8x slower here). The
-            # normalizer is (W, H) as floats: dividing by the integer tensor takes a slow mixed-dtype path.
-            L, P = self.n_levels, self.n_points
-            offset_normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
-            offset_normalizer = offset_normalizer.to(sampling_offsets.dtype)[:, None, :].expand(L, P, 2).contiguous()
-            reference_block = reference_points[:, :, None, :, None, :].expand(N, Len_q, 1, L, P, 2).contiguous()
-            sampling_locations = reference_block + sampling_offsets / offset_normalizer
+            output = self.attend_offsets(
+                value,
+                input_spatial_shapes,
+                input_level_start_index,
+                reference_points,
+                sampling_offsets,
+                attention_weights,
+            )
         elif reference_points.shape[-1] == 4:
             sampling_locations = (
                 reference_points[:, :, None, :, None, :2]
                 + sampling_offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5
             )
+            output = self.attend(
+                value, input_spatial_shapes, input_level_start_index, sampling_locations, attention_weights
+            )
         else:
             raise ValueError(
                 f"Last dim of reference_points must be 2 or 4, but get {reference_points.shape[-1]} instead."
             )
-        output = self.attend(
-            value, input_spatial_shapes, input_level_start_index, sampling_locations, attention_weights
-        )
         return self.output_proj(output)
 
     def attend(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
         """The sampling core: the xmsda op (a subclass may substitute another formulation, e.g. to compare)."""
         return ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+    def attend_offsets(
+        self, value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights
+    ):
+        """The sampling core at the locations `reference_points + sampling_offsets / (W, H)`, computed inside the op.
+        A subclass that substitutes `attend` overrides this too (`ops.locations_from_offsets` makes the locations)."""
+        return ms_deform_attn_offsets(
+            value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights
+        )

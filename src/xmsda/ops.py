@@ -4,6 +4,10 @@ The op (`torch.ops.xmsda.ms_deform_attn`) has a fake implementation, so torch.co
 it, and autograd through a second op for the backward. CPU tensors run the fused numba kernels; float16 and bfloat16
 are computed in float32 and returned in their own dtype. Tensors on other devices run the grid_sample reference
 until a kernel for them exists.
+
+`ms_deform_attn_offsets` is the same attention with the sampling locations given the way Deformable DETR's module
+makes them, reference points plus offsets in pixels of each level, and computed inside the kernels: the module then
+skips two passes over the `[N, Q, M, L, P, 2]` tensor forward (division, addition) and one backward.
 """
 
 from __future__ import annotations
@@ -16,9 +20,7 @@ import torch
 from .kernels import cpu as cpu_kernels
 from .reference import ms_deform_attn_core_pytorch
 
-__all__ = ["ms_deform_attn"]
-
-_FLOAT_INPUTS = ("value", "sampling_locations", "attention_weights")
+__all__ = ["ms_deform_attn", "ms_deform_attn_offsets"]
 
 
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -44,17 +46,85 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     )
 
 
+def ms_deform_attn_offsets(
+    value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights
+):
+    """`ms_deform_attn` at the locations `reference_points + sampling_offsets / (W, H)` of each level, the way
+    Deformable DETR's module computes them (same rounding), fused into the kernels.
+
+    Args:
+        value, spatial_shapes, level_start_index, attention_weights: as for `ms_deform_attn`.
+        reference_points: `[N, Q, L, 2]` normalised (x, y) per query and level.
+        sampling_offsets: `[N, Q, M, L, P, 2]` (x, y) offsets in pixels of each level.
+
+    Returns:
+        `[N, Q, M*D]` in the dtype of `value`; differentiable in value, reference_points, sampling_offsets and
+        attention_weights.
+    """
+    check_offset_inputs(value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights)
+    if value.device.type != "cpu":
+        _warn_reference(value.device)
+        shapes, _ = _levels(value, spatial_shapes, level_start_index)
+        loc = locations_from_offsets(reference_points, sampling_offsets, spatial_shapes)
+        return ms_deform_attn_core_pytorch(value, shapes.tolist(), loc, attention_weights)
+    return torch.ops.xmsda.ms_deform_attn_offsets(
+        value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights
+    )
+
+
+def offset_normalizer(spatial_shapes, dtype):
+    """`[L, 2]` (W, H) of each level in `dtype`: Deformable DETR's `offset_normalizer`."""
+    return torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(dtype)
+
+
+def locations_from_offsets(reference_points, sampling_offsets, spatial_shapes):
+    """Deformable DETR's `reference_points[:, :, None, :, None, :] + sampling_offsets / offset_normalizer[None, None,
+    None, :, None, :]` in torch, with the same values bit for bit. The small operands are first expanded to a
+    query-head's whole (L, P, 2) block: broadcasting inside that block left TensorIterator a 2-element inner loop
+    (division 2.5x and addition 1.8x slower here). The normalizer is made float first: dividing by the integer tensor
+    takes a slow mixed-dtype path."""
+    N, Q, _, L, P, _ = sampling_offsets.shape
+    normalizer = offset_normalizer(spatial_shapes, sampling_offsets.dtype)[:, None, :].expand(L, P, 2).contiguous()
+    reference_block = reference_points[:, :, None, :, None, :].expand(N, Q, 1, L, P, 2).contiguous()
+    return reference_block + sampling_offsets / normalizer
+
+
 def _shape_error(name, expected, tensor):
     return ValueError(f"{name} must have shape {expected}, got {tuple(tensor.shape)}")
 
 
-def check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    """Ranks, shapes, dtypes and devices (everything that does not need the values of the index tensors)."""
+def check_offset_inputs(
+    value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights
+):
+    """`check_inputs` for `ms_deform_attn_offsets`, plus the reference points."""
+    check_inputs(value, spatial_shapes, level_start_index, sampling_offsets, attention_weights, "sampling_offsets")
+    if not isinstance(reference_points, torch.Tensor):
+        raise TypeError(f"reference_points must be a torch.Tensor, got {type(reference_points).__name__}")
+    N, Q, _, L, _, _ = sampling_offsets.shape
+    if tuple(reference_points.shape) != (N, Q, L, 2):
+        raise _shape_error("reference_points", f"[N, Q, L, 2] = {[N, Q, L, 2]}", reference_points)
+    if reference_points.dtype != value.dtype:
+        raise TypeError(
+            f"reference_points must have the dtype of value and sampling_offsets ({value.dtype}), "
+            f"got {reference_points.dtype}"
+        )
+    if reference_points.device != value.device:
+        raise ValueError(
+            f"all inputs must be on one device, got value on {value.device}, "
+            f"reference_points on {reference_points.device}"
+        )
+
+
+def check_inputs(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, locations="sampling_locations"
+):
+    """Ranks, shapes, dtypes and devices (everything that does not need the values of the index tensors).
+    `locations` names the fourth argument in messages."""
     args = {
         "value": value,
         "spatial_shapes": spatial_shapes,
         "level_start_index": level_start_index,
-        "sampling_locations": sampling_locations,
+        locations: sampling_locations,
         "attention_weights": attention_weights,
     }
     for name, tensor in args.items():
@@ -69,25 +139,26 @@ def check_inputs(value, spatial_shapes, level_start_index, sampling_locations, a
     if level_start_index.dim() != 1 or level_start_index.shape[0] != L:
         raise _shape_error("level_start_index", f"[L] with L={L} from spatial_shapes", level_start_index)
     if sampling_locations.dim() != 6:
-        raise _shape_error("sampling_locations", "[N, Q, M, L, P, 2] (6 dims)", sampling_locations)
+        raise _shape_error(locations, "[N, Q, M, L, P, 2] (6 dims)", sampling_locations)
     _, Q, _, _, P, _ = sampling_locations.shape
     expected = (N, Q, M, L, P, 2)
     if tuple(sampling_locations.shape) != expected:
-        raise _shape_error("sampling_locations", f"[N, Q, M, L, P, 2] = {list(expected)}", sampling_locations)
+        raise _shape_error(locations, f"[N, Q, M, L, P, 2] = {list(expected)}", sampling_locations)
     if tuple(attention_weights.shape) != expected[:5]:
         raise _shape_error("attention_weights", f"[N, Q, M, L, P] = {list(expected[:5])}", attention_weights)
     if D > cpu_kernels.MAX_CHANNELS:
         raise _shape_error("value", f"[N, S, M, D] with D <= {cpu_kernels.MAX_CHANNELS}", value)
     if 2 * L * P > cpu_kernels.MAX_CHANNELS:
         raise _shape_error(
-            "sampling_locations", f"[N, Q, M, L, P, 2] with L*P <= {cpu_kernels.MAX_CHANNELS // 2}", sampling_locations
+            locations, f"[N, Q, M, L, P, 2] with L*P <= {cpu_kernels.MAX_CHANNELS // 2}", sampling_locations
         )
-    for name in _FLOAT_INPUTS:
+    float_inputs = ("value", locations, "attention_weights")
+    for name in float_inputs:
         if not args[name].is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {args[name].dtype}")
-    dtypes = {name: args[name].dtype for name in _FLOAT_INPUTS}
+    dtypes = {name: args[name].dtype for name in float_inputs}
     if len(set(dtypes.values())) > 1:
-        raise TypeError(f"value, sampling_locations and attention_weights must share one dtype, got {dtypes}")
+        raise TypeError(f"value, {locations} and attention_weights must share one dtype, got {dtypes}")
     for name in ("spatial_shapes", "level_start_index"):
         if args[name].is_floating_point() or args[name].is_complex() or args[name].dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor, got {args[name].dtype}")
@@ -148,6 +219,55 @@ def _warn_reference(device):
         )
 
 
+def _host(tensor, ct):
+    """A contiguous NumPy view of `tensor` in the compute dtype (a copy only where needed)."""
+    return tensor.detach().to(ct).contiguous().numpy()
+
+
+def _cpu_forward(value, shapes, starts, loc, ref, attn):
+    """The forward kernel; `ref` None means `loc` holds locations, else offsets from these reference points."""
+    N, _, M, D = value.shape
+    Q = loc.shape[1]
+    ct = _compute_dtype(value.dtype)
+    v, loc_, attn_ = (_host(t, ct) for t in (value, loc, attn))
+    ref_ = None if ref is None else _host(ref, ct)
+    out = _new_tensor(N, Q, M, D, dtype=ct)
+    order = cpu_kernels.query_order(loc_, shapes, ref_)
+    cpu_kernels.forward(v, shapes, starts, loc_, ref_, attn_, order, out.numpy())
+    return out.view(N, Q, M * D).to(value.dtype)
+
+
+def _cpu_backward(grad_output, value, shapes, starts, loc, ref, attn):
+    """The backward kernel: gradients of value, `loc` (locations or, with `ref`, offsets) and attention weights."""
+    N, _, M, D = value.shape
+    Q = loc.shape[1]
+    ct = _compute_dtype(value.dtype)
+    v, loc_, attn_ = (_host(t, ct) for t in (value, loc, attn))
+    ref_ = None if ref is None else _host(ref, ct)
+    grad_out = _host(grad_output.reshape(N, Q, M, D), ct)
+    grad_value = _new_tensor(*v.shape, dtype=ct, zeroed=True)
+    grad_loc = _new_tensor(*loc_.shape, dtype=ct)
+    grad_attn = _new_tensor(*attn_.shape, dtype=ct)
+    order = cpu_kernels.query_order(loc_, shapes, ref_)
+    cpu_kernels.backward_kernel(
+        v, shapes, starts, loc_, ref_, attn_, order, grad_out, grad_value.numpy(), grad_loc.numpy(), grad_attn.numpy()
+    )
+    return grad_value.to(value.dtype), grad_loc.to(loc.dtype), grad_attn.to(attn.dtype)
+
+
+def _check_grad_output(grad_output, value, loc):
+    N, _, M, D = value.shape
+    if tuple(grad_output.shape) != (N, loc.shape[1], M * D):
+        raise _shape_error("grad_output", f"[N, Q, M*D] = {[N, loc.shape[1], M * D]}", grad_output)
+
+
+def _reference_vjp(grad_output, core, *inputs):
+    """Gradients of `core(*inputs)` through the reference (autograd is switched off inside a custom op; torch.func's
+    vjp differentiates regardless)."""
+    _, vjp = torch.func.vjp(core, *(t.detach() for t in inputs))
+    return vjp(grad_output)
+
+
 @torch.library.custom_op("xmsda::ms_deform_attn", mutates_args=())
 def _ms_deform_attn_op(
     value: torch.Tensor,
@@ -162,13 +282,7 @@ def _ms_deform_attn_op(
     if value.device.type != "cpu":
         _warn_reference(value.device)
         return ms_deform_attn_core_pytorch(value, shapes.tolist(), sampling_locations, attention_weights)
-    N, _, M, D = value.shape
-    ct = _compute_dtype(value.dtype)
-    v, loc, attn = (t.detach().to(ct).contiguous() for t in (value, sampling_locations, attention_weights))
-    out = _new_tensor(N, loc.shape[1], M, D, dtype=ct)
-    order = cpu_kernels.query_order(loc.numpy(), shapes)
-    cpu_kernels.forward(v.numpy(), shapes, starts, loc.numpy(), attn.numpy(), order, out.numpy())
-    return out.view(N, loc.shape[1], M * D).to(value.dtype)
+    return _cpu_forward(value, shapes, starts, sampling_locations, None, attention_weights)
 
 
 @_ms_deform_attn_op.register_fake
@@ -187,41 +301,19 @@ def _ms_deform_attn_backward_op(
     attention_weights: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    N, _, M, D = value.shape
-    if tuple(grad_output.shape) != (N, sampling_locations.shape[1], M * D):
-        raise _shape_error("grad_output", f"[N, Q, M*D] = {[N, sampling_locations.shape[1], M * D]}", grad_output)
+    _check_grad_output(grad_output, value, sampling_locations)
     shapes, starts = _levels(value, spatial_shapes, level_start_index)
     if value.device.type != "cpu":
         _warn_reference(value.device)
-        # autograd is switched off inside a custom op; torch.func's vjp differentiates regardless
         hw = shapes.tolist()
-        _, vjp = torch.func.vjp(
+        return _reference_vjp(
+            grad_output,
             lambda v, loc, attn: ms_deform_attn_core_pytorch(v, hw, loc, attn),
-            value.detach(),
-            sampling_locations.detach(),
-            attention_weights.detach(),
+            value,
+            sampling_locations,
+            attention_weights,
         )
-        return vjp(grad_output)
-    Q = sampling_locations.shape[1]
-    ct = _compute_dtype(value.dtype)
-    v, loc, attn = (t.detach().to(ct).contiguous() for t in (value, sampling_locations, attention_weights))
-    grad_out = grad_output.detach().reshape(N, Q, M, D).to(ct).contiguous()
-    grad_value = _new_tensor(*v.shape, dtype=ct, zeroed=True)
-    grad_loc = _new_tensor(*loc.shape, dtype=ct)
-    grad_attn = _new_tensor(*attn.shape, dtype=ct)
-    cpu_kernels.backward_kernel(
-        v.numpy(),
-        shapes,
-        starts,
-        loc.numpy(),
-        attn.numpy(),
-        cpu_kernels.query_order(loc.numpy(), shapes),
-        grad_out.numpy(),
-        grad_value.numpy(),
-        grad_loc.numpy(),
-        grad_attn.numpy(),
-    )
-    return grad_value.to(value.dtype), grad_loc.to(sampling_locations.dtype), grad_attn.to(attention_weights.dtype)
+    return _cpu_backward(grad_output, value, shapes, starts, sampling_locations, None, attention_weights)
 
 
 @_ms_deform_attn_backward_op.register_fake
@@ -249,3 +341,90 @@ def _backward(ctx, grad_output):
 
 
 _ms_deform_attn_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- the same with locations from reference points and offsets ------------------------------------------------------
+
+
+@torch.library.custom_op("xmsda::ms_deform_attn_offsets", mutates_args=())
+def _ms_deform_attn_offsets_op(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    reference_points: torch.Tensor,
+    sampling_offsets: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    check_offset_inputs(value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights)
+    shapes, starts = _levels(value, spatial_shapes, level_start_index)
+    if value.device.type != "cpu":
+        _warn_reference(value.device)
+        loc = locations_from_offsets(reference_points, sampling_offsets, spatial_shapes)
+        return ms_deform_attn_core_pytorch(value, shapes.tolist(), loc, attention_weights)
+    return _cpu_forward(value, shapes, starts, sampling_offsets, reference_points, attention_weights)
+
+
+@_ms_deform_attn_offsets_op.register_fake
+def _(value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights):
+    N, _, M, D = value.shape
+    return value.new_empty(N, sampling_offsets.shape[1], M * D)
+
+
+@torch.library.custom_op("xmsda::ms_deform_attn_offsets_backward", mutates_args=())
+def _ms_deform_attn_offsets_backward_op(
+    grad_output: torch.Tensor,
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    reference_points: torch.Tensor,
+    sampling_offsets: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of value, sampling_offsets and attention_weights (the reference points' follows from the
+    offsets': see `_offsets_backward`)."""
+    check_offset_inputs(value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights)
+    _check_grad_output(grad_output, value, sampling_offsets)
+    shapes, starts = _levels(value, spatial_shapes, level_start_index)
+    if value.device.type != "cpu":
+        _warn_reference(value.device)
+        hw = shapes.tolist()
+        return _reference_vjp(
+            grad_output,
+            lambda v, off, attn: ms_deform_attn_core_pytorch(
+                v, hw, locations_from_offsets(reference_points, off, spatial_shapes), attn
+            ),
+            value,
+            sampling_offsets,
+            attention_weights,
+        )
+    return _cpu_backward(grad_output, value, shapes, starts, sampling_offsets, reference_points, attention_weights)
+
+
+@_ms_deform_attn_offsets_backward_op.register_fake
+def _(grad_output, value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights):
+    return torch.empty_like(value), torch.empty_like(sampling_offsets), torch.empty_like(attention_weights)
+
+
+def _offsets_backward(ctx, grad_output):
+    value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights = ctx.saved_tensors
+    grad_value, grad_offsets, grad_attn = torch.ops.xmsda.ms_deform_attn_offsets_backward(
+        grad_output, value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights
+    )
+    needs = ctx.needs_input_grad
+    grad_reference = None
+    if needs[3]:
+        # location = reference + offset / (W, H): d/d(reference) is (W, H) times d/d(offset), summed over heads
+        # and points
+        normalizer = offset_normalizer(spatial_shapes, grad_offsets.dtype)
+        grad_reference = grad_offsets.sum((2, 4)) * normalizer
+    return (
+        grad_value if needs[0] else None,
+        None,
+        None,
+        grad_reference,
+        grad_offsets if needs[4] else None,
+        grad_attn if needs[5] else None,
+    )
+
+
+_ms_deform_attn_offsets_op.register_autograd(_offsets_backward, setup_context=_setup_context)

@@ -9,6 +9,7 @@ import torch
 
 from xmsda import ops
 from xmsda.nn import MSDeformAttn
+from xmsda.ops import locations_from_offsets
 from xmsda.reference import ms_deform_attn_core_pytorch
 
 from .conftest import level_tensors
@@ -48,19 +49,25 @@ def test_module_matches_grid_sample_formulation(monkeypatch, ref_dim):
     torch.nn.init.normal_(m.attention_weights.weight, std=0.1)
     ss, lsi = level_tensors(((7, 6), (4, 3)))
     query = torch.randn(2, 5, 16, dtype=torch.float64)
-    ref_points = torch.rand(2, 5, 2, ref_dim, dtype=torch.float64)
+    ref_points = torch.rand(2, 5, 2, ref_dim, dtype=torch.float64, requires_grad=True)  # e.g. a decoder's
     flat = torch.randn(2, 54, 16, dtype=torch.float64)
     mask = torch.zeros(2, 54, dtype=torch.bool)
     mask[1, -10:] = True
 
     def run():
         m.zero_grad()
+        ref_points.grad = None
         out = m(query, ref_points, flat, ss, lsi, mask)
         out.square().sum().backward()
-        return out.detach(), [p.grad.clone() for p in m.parameters()]
+        return out.detach(), [p.grad.clone() for p in m.parameters()] + [ref_points.grad.clone()]
 
     out, grads = run()
+    # Deformable DETR's module: locations computed in torch, then the grid_sample core
     monkeypatch.setattr("xmsda.nn.ms_deform_attn", lambda v, s, i, lo, a: ms_deform_attn_core_pytorch(v, s, lo, a))
+    monkeypatch.setattr(
+        "xmsda.nn.ms_deform_attn_offsets",
+        lambda v, s, i, r, o, a: ms_deform_attn_core_pytorch(v, s, locations_from_offsets(r, o, s), a),
+    )
     out_ref, grads_ref = run()
     torch.testing.assert_close(out, out_ref)
     for a, b in zip(grads, grads_ref, strict=True):

@@ -123,7 +123,7 @@ def test_query_order_is_a_locality_preserving_permutation():
 
     _, ss, _, loc, _ = make_inputs(N=2, shapes=((32, 32), (16, 16)), Q=500, M=2, P=2, spread=(0.0, 1.0))
     loc[0, :7] = float("nan")  # non-finite locations still get a place
-    order = torch.from_numpy(cpu.query_order(loc.numpy(), ss.numpy()))
+    order = torch.from_numpy(cpu.query_order(loc.numpy(), ss.numpy(), None))
     for n in range(2):
         assert torch.equal(order[n].sort().values, torch.arange(500))
     # Consecutive queries in the order sample close together: on a Z-order curve the mean step between the

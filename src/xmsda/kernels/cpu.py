@@ -97,18 +97,43 @@ def _pixel(loc, half_size, one):
 
 
 @numba.njit(inline="always")
-def _cells(loc, n, q, m, g, half_size, limit, one, frac, cell):
-    """Phase 1 for one query: for each coordinate loc[n, q, m, g, i] (x, y interleaved), the pixel cell
-    floor(pixel) clamped to [-2, limit] (-2 and `limit` mean no corner inside; NaN gives -2) and the fraction.
-    Branch-free over a contiguous run, so LLVM vectorises it."""
+def _cell(pixel, i, limit, frac, cell):
+    """The pixel cell floor(pixel) clamped to [-2, limit[i]] (-2 and `limit` mean no corner inside; NaN gives -2)
+    into cell[i], the fraction into frac[i]."""
     t = frac.dtype.type
+    f = np.floor(pixel)
+    frac[i] = pixel - f
+    f = f if f > t(-2) else t(-2)
+    f = f if f < limit[i] else limit[i]
+    cell[i] = np.int32(f)
+
+
+@numba.njit(inline="always")
+def _cells(loc, n, q, m, g, half_size, limit, one, frac, cell):
+    """Phase 1 for one query: the cell and fraction (`_cell`) of each coordinate loc[n, q, m, g, i] (x, y
+    interleaved). Branch-free over a contiguous run, so LLVM vectorises it."""
     for i in range(loc.shape[4]):
-        pixel = _pixel(loc[n, q, m, g, i], half_size[i], one)
-        f = np.floor(pixel)
-        frac[i] = pixel - f
-        f = f if f > t(-2) else t(-2)
-        f = f if f < limit[i] else limit[i]
-        cell[i] = np.int32(f)
+        _cell(_pixel(loc[n, q, m, g, i], half_size[i], one), i, limit, frac, cell)
+
+
+@numba.njit(inline="always")
+def _cells_from_offsets(offsets, base, n, q, m, g, half_size, limit, one, frac, cell):
+    """`_cells` where `offsets` holds offsets in pixels of each level and the location is base[i] + offset / limit[i]
+    (the reference point plus offset / (W, H), rounded as Deformable DETR's module does)."""
+    for i in range(offsets.shape[4]):
+        _cell(_pixel(base[i] + offsets[n, q, m, g, i] / limit[i], half_size[i], one), i, limit, frac, cell)
+
+
+@numba.njit(inline="always")
+def _reference_base(ref, n, q, lvl, levels, points, base):
+    """The reference coordinate of each (x, y) entry of a query-head's offsets, which run over `levels` levels from
+    `lvl` on, `points` points each: base[2 * (k * points + p) + c] = ref[n, q, lvl + k, c]."""
+    for k in range(levels):
+        x = ref[n, q, lvl + k, 0]
+        y = ref[n, q, lvl + k, 1]
+        for p in range(points):
+            base[2 * (k * points + p)] = x
+            base[2 * (k * points + p) + 1] = y
 
 
 @numba.njit(inline="always")
@@ -122,9 +147,10 @@ def _spread_bits(v):
 
 
 @numba.njit(**_JIT)
-def query_order(loc, shapes):
+def query_order(loc, shapes, ref):
     """`[N, Q]` int64: each batch's queries sorted along a Z-order curve of the mean location of their first level's
-    points, at the resolution of the finest level (ties keep their original order)."""
+    points, at the resolution of the finest level (ties keep their original order). With reference points `ref`
+    (`[N, Q, L, 2]`; None: `loc` holds locations), `loc` holds pixel offsets from them (see `_cells_from_offsets`)."""
     N, Q, M, _, P, _ = loc.shape
     width = np.float64(shapes[:, 1].max())
     height = np.float64(shapes[:, 0].max())
@@ -138,6 +164,9 @@ def query_order(loc, shapes):
             for p in range(P):
                 sx += loc[n, q, m, 0, p, 0]
                 sy += loc[n, q, m, 0, p, 1]
+        if ref is not None:
+            sx = ref[n, q, 0, 0] * (M * P) + sx / shapes[0, 1]
+            sy = ref[n, q, 0, 1] * (M * P) + sy / shapes[0, 0]
         x = sx / (M * P) * width
         y = sy / (M * P) * height
         x = x if x > 0.0 else 0.0  # also maps NaN to 0
@@ -150,9 +179,10 @@ def query_order(loc, shapes):
 
 
 @numba.njit(**_JIT)
-def forward_kernel(value, shapes, starts, loc, attn, order, out, qblock):
+def forward_kernel(value, shapes, starts, loc, ref, attn, order, out, qblock):
     """out[n, q, m, :] = sum over (l, p) of attn * bilinear(value[n, m] at level l, loc); queries are visited in
-    blocks of `qblock` in `order` (see query_order)."""
+    blocks of `qblock` in `order` (see query_order). With reference points `ref` (None: `loc` holds locations),
+    `loc` holds offsets (see `_cells_from_offsets`). Numba compiles the two cases apart: the unused branch is pruned."""
     N, _, M, D = value.shape
     Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
     K = L * P
@@ -169,6 +199,7 @@ def forward_kernel(value, shapes, starts, loc, attn, order, out, qblock):
         cell = _stack_buffer(np.int32)
         half_size = _stack_buffer(value.dtype)
         limit = _stack_buffer(value.dtype)
+        base = _stack_buffer(value.dtype)
         heights = _stack_buffer(np.int64)
         widths = _stack_buffer(np.int64)
         offsets = _stack_buffer(np.int64)
@@ -183,8 +214,13 @@ def forward_kernel(value, shapes, starts, loc, attn, order, out, qblock):
             half_size[2 * j + 1] = limit[2 * j + 1] / (one + one)
         for i in range(q_begin, min(Q, q_begin + qblock)):
             q = order[n, i]
+            if ref is not None:
+                _reference_base(ref, n, q, 0, L, P, base)
             for m in range(M):
-                _cells(loc5, n, q, m, 0, half_size, limit, one, frac, cell)
+                if ref is None:
+                    _cells(loc5, n, q, m, 0, half_size, limit, one, frac, cell)
+                else:
+                    _cells_from_offsets(loc5, base, n, q, m, 0, half_size, limit, one, frac, cell)
                 for d in range(2 * D):
                     acc[d] = 0
                 for j in range(K):
@@ -238,11 +274,11 @@ def forward_kernel(value, shapes, starts, loc, attn, order, out, qblock):
 FORWARD_CHUNK = 4
 
 
-def forward(value, shapes, starts, loc, attn, order, out, qblock=64):
+def forward(value, shapes, starts, loc, ref, attn, order, out, qblock=64):
     """forward_kernel with FORWARD_CHUNK-sized dynamic scheduling."""
     previous = numba.set_parallel_chunksize(FORWARD_CHUNK)
     try:
-        forward_kernel(value, shapes, starts, loc, attn, order, out, qblock)
+        forward_kernel(value, shapes, starts, loc, ref, attn, order, out, qblock)
     finally:
         numba.set_parallel_chunksize(previous)
 
@@ -260,9 +296,9 @@ def _corner_backward(value, grad_value, g, n, row, m, c, s):
 
 
 @numba.njit(**_JIT)
-def backward_kernel(value, shapes, starts, loc, attn, order, grad_out, grad_value, grad_loc, grad_attn):
+def backward_kernel(value, shapes, starts, loc, ref, attn, order, grad_out, grad_value, grad_loc, grad_attn):
     """Gradients of forward_kernel, visiting the queries in `order`. `grad_value` has the layout of `value` and must
-    start zeroed."""
+    start zeroed. With reference points `ref`, `loc` holds offsets in pixels and `grad_loc` receives their gradient."""
     N, _, M, D = value.shape
     Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
     t = value.dtype.type
@@ -285,6 +321,10 @@ def backward_kernel(value, shapes, starts, loc, attn, order, grad_out, grad_valu
         cell = _stack_buffer(np.int32)
         half_size = _stack_buffer(value.dtype)
         limit = _stack_buffer(value.dtype)
+        base = _stack_buffer(value.dtype)
+        # d(pixel)/d(input): a location moves the point W (H) pixels per unit, an offset one pixel per pixel
+        scale_x = t(W) if ref is None else one
+        scale_y = t(H) if ref is None else one
         for p in range(P):
             limit[2 * p] = t(W)
             limit[2 * p + 1] = t(H)
@@ -292,8 +332,13 @@ def backward_kernel(value, shapes, starts, loc, attn, order, grad_out, grad_valu
             half_size[2 * p + 1] = t(H) / (one + one)
         for i in range(Q):
             q = order[n, i]
+            if ref is not None:
+                _reference_base(ref, n, q, lvl, 1, P, base)
             for m in range(m_begin, min(M, m_begin + per_slice)):
-                _cells(loc5, n, q, m, lvl, half_size, limit, one, frac, cell)
+                if ref is None:
+                    _cells(loc5, n, q, m, lvl, half_size, limit, one, frac, cell)
+                else:
+                    _cells_from_offsets(loc5, base, n, q, m, lvl, half_size, limit, one, frac, cell)
                 for d in range(D):
                     g[d] = grad_out[n, q, m, d]
                 for p in range(P):
@@ -333,5 +378,5 @@ def backward_kernel(value, shapes, starts, loc, attn, order, grad_out, grad_valu
                     grad_attn[n, q, m, lvl, p] = (one - lh) * ((one - lw) * s1 + lw * s2) + lh * (
                         (one - lw) * s3 + lw * s4
                     )
-                    grad_loc[n, q, m, lvl, p, 0] = a * t(W) * ((one - lh) * (s2 - s1) + lh * (s4 - s3))
-                    grad_loc[n, q, m, lvl, p, 1] = a * t(H) * ((one - lw) * (s3 - s1) + lw * (s4 - s2))
+                    grad_loc[n, q, m, lvl, p, 0] = a * scale_x * ((one - lh) * (s2 - s1) + lh * (s4 - s3))
+                    grad_loc[n, q, m, lvl, p, 1] = a * scale_y * ((one - lw) * (s3 - s1) + lw * (s4 - s2))

@@ -9,9 +9,10 @@ Phases: `forward` (no autograd), `backward` (the backward pass alone, after an u
 `train_step` (a whole `MSDeformAttn` module: forward, loss, backward, SGD step). In the module, xmsda computes the
 sampling locations inside the op (`ms_deform_attn_offsets`); the other variants compute them in torch, as Deformable
 DETR does. With the profile on, the training step also times a `free-core` module whose sampling core (with the
-location arithmetic) costs nothing: the part of the step no op can remove.
-Times are medians over `repeat` runs after one warm-up, all variants in one process, interleaved so that load from
-other processes hits them alike.
+location arithmetic) costs nothing: the part of the step no op can remove, and `xmsda-unfused`, the xmsda module
+with the locations computed in torch: what fusing them saves.
+Times are medians over `repeat` runs after one warm-up, all variants in one process, interleaved (in a rotating order)
+so that load from other processes hits them alike.
 
 Peak memory: each (variant, phase) runs once more in a fresh subprocess that builds the inputs, warms up on a tiny
 problem, reads its resident set size (VmRSS), resets the kernel's high-water mark (`/proc/self/clear_refs`), runs the
@@ -331,12 +332,24 @@ class _FreeCore(torch.autograd.Function):
 
 
 FREE_CORE = "free-core"
+UNFUSED = "xmsda-unfused"
 
 
 def _free_core_step(preset: Preset, dtype) -> Callable[[], None]:
     """A module training step whose sampling core is `_FreeCore`: the time no core, however fast, can remove."""
     runner = _phase_runner(preset, "xmsda", "train_step", dtype)
     runner.module.attend_offsets = lambda v, ss, lsi, ref, offsets, attn: _FreeCore.apply(v, offsets, attn)
+    return runner
+
+
+def _unfused_step(preset: Preset, dtype) -> Callable[[], None]:
+    """The xmsda module's training step with the sampling locations computed in torch and passed to
+    `ms_deform_attn`, as before `ms_deform_attn_offsets`: what fusing the location arithmetic saves."""
+    runner = _phase_runner(preset, "xmsda", "train_step", dtype)
+    module = runner.module
+    module.attend_offsets = lambda v, ss, lsi, ref, offsets, attn: module.attend(
+        v, ss, lsi, locations_from_offsets(ref, offsets, ss), attn
+    )
     return runner
 
 
@@ -406,12 +419,17 @@ def run_benchmark(
         runners = {v: _phase_runner(preset, v, phase, dtype) for v in variants}
         if phase == "train_step" and profile:
             runners[FREE_CORE] = _free_core_step(preset, dtype)
+            if "xmsda" in variants:
+                runners[UNFUSED] = _unfused_step(preset, dtype)
         times = {v: [] for v in runners}
         for r in runners.values():
             _time(r)  # warm-up
+        names = list(runners)
         for i in range(repeat):
-            for v, r in runners.items():  # interleaved, so that outside load hits every variant alike
-                times[v].append(_time(r))
+            # Interleaved, so that outside load hits every variant alike, and in a rotating order: a run right after
+            # another variant's can pay for it (freed memory faulted back in, the other thread pool still spinning).
+            for v in names[i % len(names) :] + names[: i % len(names)]:
+                times[v].append(_time(runners[v]))
             log(f"{phase} {i + 1}/{repeat}: " + ", ".join(f"{v} {t[-1]:.3f}s" for v, t in times.items()))
         del runners
         entry = {v: {"median_s": statistics.median(t), "times_s": t} for v, t in times.items()}
@@ -466,6 +484,8 @@ def format_report(result: dict) -> str:
             "",
             f"{FREE_CORE}: the module's training step with a sampling core that costs nothing (linear layers,",
             "softmax, loss, optimizer): time no op can remove, the highest ratio any op reaches.",
+            f"{UNFUSED}: the xmsda module with the sampling locations computed in torch (ms_deform_attn instead of",
+            "ms_deform_attn_offsets).",
         ]
     roof = result.get("roofline")
     if roof:

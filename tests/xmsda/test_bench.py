@@ -17,7 +17,7 @@ def test_bench_cli_reports_every_variant_phase_and_the_free_core(tmp_path, capsy
     assert result["preset"]["name"] == "tiny" and result["threads"] >= 1
     for phase in bench.PHASES:
         entry = result["phases"][phase]
-        expected = set(bench.VARIANTS) | ({bench.FREE_CORE} if phase == "train_step" else set())
+        expected = set(bench.VARIANTS) | ({bench.FREE_CORE, bench.UNFUSED} if phase == "train_step" else set())
         assert set(entry) == expected
         for e in entry.values():
             assert len(e["times_s"]) == 2 and e["median_s"] > 0
@@ -25,7 +25,7 @@ def test_bench_cli_reports_every_variant_phase_and_the_free_core(tmp_path, capsy
     assert set(result["profile"]["op_pieces_s"]) >= {"  forward kernel", "  backward kernel"}
     assert result["profile"]["train_step_top_ops"]
     out = capsys.readouterr().out
-    assert "free-core" in out and "vs grid_sample" in out and "GFLOP/s" in out
+    assert "free-core" in out and "xmsda-unfused" in out and "vs grid_sample" in out and "GFLOP/s" in out
 
 
 def test_bench_cli_rejects_unknown_variants(capsys):

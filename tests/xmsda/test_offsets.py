@@ -58,6 +58,18 @@ def test_gradcheck_inside_on_and_past_the_border():
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_and_non_contiguous_inputs(dtype):
+    value, ss, lsi, ref, offsets, attn = make_offset_inputs(N=2, shapes=((6, 7), (3, 4)), Q=6, M=2, D=8, P=3)
+    expected = ms_deform_attn_offsets(value, ss, lsi, ref, offsets, attn)
+    # transposed copies of the batch axis: same values, non-contiguous strides
+    half = [t.to(dtype).transpose(0, 1).contiguous().transpose(0, 1) for t in (value, ref, offsets, attn)]
+    assert not any(t.is_contiguous() for t in half)
+    out = ms_deform_attn_offsets(half[0], ss, lsi, half[1], half[2], half[3])
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), expected, rtol=0.05, atol=0.05)
+
+
 def test_gradients_only_where_asked():
     value, ss, lsi, ref, offsets, attn = make_offset_inputs(N=1, shapes=((4, 4),), Q=3, M=2, D=4, P=2)
     offsets.requires_grad_()

@@ -8,6 +8,9 @@ cache, so the numbers are those of the plain sampler. Per attribute it reports t
 that the analyzer finds in the video (background, object count, and per object colour, shape, motion, size when
 named), the mean alignment score, and seed diversity: for `--pairs` prompts a second seed, and how often the two
 videos differ visibly (objects start at least 2 pixels apart or differ in size).
+
+`--layout-probe` reports how much of the noise-tied layout the model has learned, `--wording-probe` how the text
+encoder places each held-out synonym relative to the training synonyms (see the model card).
 """
 
 from __future__ import annotations
@@ -122,6 +125,63 @@ def layout_probe(adapter, n: int = 48, sigmas=(1.0, 0.8, 0.5, 0.2), seed: int = 
     return out
 
 
+# One carrier sentence per attribute ({} is the word); the other attributes are training words.
+WORDING_CARRIERS = {
+    "colour": (prompts.COLOUR_WORDS, "a {} circle moving left on a white background"),
+    "shape": (prompts.SHAPE_WORDS, "a red {} moving left on a white background"),
+    "motion": (prompts.MOTION_WORDS, "a red circle {} on a white background"),
+    "background": (prompts.BACKGROUND_WORDS, "a red circle moving left on a {} background"),
+    "size": (prompts.SIZE_WORDS, "a {} red circle moving left on a white background"),
+}
+
+
+@torch.no_grad()
+def wording_probe(adapter) -> dict:
+    """How far the text encoder alone places each held-out synonym next to a training synonym of the same value.
+
+    Each word of an attribute is put in that attribute's carrier sentence and encoded by the model's text encoder.
+    For every held-out word, the nearest training word (cosine) by (a) the mean of the word's own token vectors, the
+    vectors the DiT reads, and (b) the sentence's mean-pooled, normalised vector (the sentence-transformers
+    embedding). A held-out word nearest to another value's word is one that a model generalising by proximity in
+    that space gets wrong."""
+    out: dict = {"words": {}, "token_correct": 0, "sentence_correct": 0, "heldout_words": 0}
+    for attribute, (table, carrier) in WORDING_CARRIERS.items():
+        words = [(w, v, w in heldout) for v, (train, heldout) in table.items() for w in (*train, *heldout)]
+        sentences = [carrier.format(w) for w, _, _ in words]
+        enc = adapter.tokenizer(sentences, padding=True, return_offsets_mapping=True, return_tensors="pt")
+        hidden = adapter.text_encoder(enc.input_ids, enc.attention_mask).last_hidden_state.float()
+        mask = enc.attention_mask.unsqueeze(-1).float()
+        sentence = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+        token = []
+        for row, (w, _, _) in enumerate(words):
+            start = carrier.index("{}")
+            span = [
+                i for i, (a, b) in enumerate(enc.offset_mapping[row].tolist()) if b > a and start <= a < start + len(w)
+            ]
+            token.append(hidden[row, span].mean(0))
+        token = torch.nn.functional.normalize(torch.stack(token), dim=-1)
+        train_rows = [i for i, (_, _, held) in enumerate(words) if not held]
+        for i, (w, value, held) in enumerate(words):
+            if not held:
+                continue
+            entry = {"value": value}
+            same = torch.tensor([words[j][1] == value for j in train_rows])
+            for kind, vecs in (("token", token), ("sentence", sentence)):
+                sims = vecs[train_rows] @ vecs[i]
+                j = train_rows[int(sims.argmax())]
+                entry[f"{kind}_nearest"] = {
+                    "word": words[j][0],
+                    "value": words[j][1],
+                    "cosine": float(sims.max()),
+                    # nearest training word of its own value minus nearest of another value: < 0 is a miss
+                    "margin": float(sims[same].max() - sims[~same].max()),
+                }
+                out[f"{kind}_correct"] += words[j][1] == value
+            out["words"][f"{attribute}: {w}"] = entry
+            out["heldout_words"] += 1
+    return out
+
+
 def contact_sheet(engine, path: str | Path, steps: int = 4, rows: int = 6, seeds: int = 3, seed: int = 1234) -> Path:
     """A PNG: per row one held-out prompt, per seed its first, middle and last frame (4x upscaled)."""
     from PIL import Image
@@ -166,10 +226,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.add_argument("--sheet", default=None, help="write a PNG contact sheet of 4-step generations here")
     p.add_argument("--layout-probe", action="store_true", help="only report how much of the noise-tied layout it knows")
+    p.add_argument(
+        "--wording-probe", action="store_true", help="only report how the text encoder places the held-out synonyms"
+    )
     a = p.parse_args(argv)
     engine = make_engine(a.model)
     if a.layout_probe:
         print(json.dumps(layout_probe(engine.adapter), indent=2))
+        return
+    if a.wording_probe:
+        print(json.dumps(wording_probe(engine.adapter), indent=2))
         return
     reports = [evaluate(engine, a.n, s, a.pairs) for s in a.steps]
     print(json.dumps(reports, indent=2))

@@ -70,3 +70,17 @@ def test_seeds_give_visibly_different_videos(engine):
 def test_layout_probe_shows_the_model_reads_objects_from_a_noisy_clip(engine):
     probe = evaluate.layout_probe(engine.adapter, n=8, sigmas=(0.5,))["0.5"]
     assert probe["object_pixel_mse"] < 0.25 * probe["background_guess_mse"]
+
+
+def test_wording_probe_places_every_held_out_synonym(engine):
+    probe = evaluate.wording_probe(engine.adapter)
+    heldout = {f"{a}: {w}" for a, words in prompts.vocabulary("heldout").items() for w in words}
+    assert set(probe["words"]) == heldout and probe["heldout_words"] == len(heldout)
+    for kind in ("token", "sentence"):
+        nearest = [e[f"{kind}_nearest"] for e in probe["words"].values()]
+        correct = [n["value"] == e["value"] for n, e in zip(nearest, probe["words"].values(), strict=True)]
+        assert probe[f"{kind}_correct"] == sum(correct)
+        # the margin is the gap between the nearest word of the right value and of any other: negative iff missed
+        assert all((n["margin"] >= 0) == ok and -1 <= n["cosine"] <= 1 for n, ok in zip(nearest, correct, strict=True))
+    # the encoder knows these are paraphrases: most held-out words sit nearest a training word of their own value
+    assert probe["token_correct"] >= 0.75 * len(heldout)

@@ -218,6 +218,7 @@ def _time(runner: Callable[[], None]) -> float:
 
 
 def set_threads(threads: int | None) -> int:
+    """torch's thread count (which the op follows) and numba's (for the profile's direct kernel calls)."""
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))

@@ -2,8 +2,8 @@
 
 The op (`torch.ops.xmsda.ms_deform_attn`) has a fake implementation, so torch.compile and torch.export trace through
 it, and autograd through a second op for the backward. CPU tensors run the fused numba kernels; float16 and bfloat16
-are computed in float32 and returned in their own dtype. Tensors on other devices run the grid_sample reference
-until a kernel for them exists.
+are computed in float32 and returned in their own dtype. The kernels use `torch.get_num_threads()` threads. Tensors
+on other devices run the grid_sample reference until a kernel for them exists.
 
 `ms_deform_attn_offsets` is the same attention with the sampling locations given the way Deformable DETR's module
 makes them, reference points plus offsets in pixels of each level, and computed inside the kernels: the module then
@@ -12,8 +12,10 @@ skips two passes over the `[N, Q, M, L, P, 2]` tensor forward (division, additio
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
+import numba
 import numpy as np
 import torch
 
@@ -219,6 +221,19 @@ def _warn_reference(device):
         )
 
 
+@contextlib.contextmanager
+def _torch_threads():
+    """Run the kernels on as many threads as torch's intra-op pool (`torch.set_num_threads`), as torch's own CPU ops
+    do: a process that limits torch (data-loader workers, several ranks or servers per machine) must not get a kernel
+    on every core. numba's thread count is per calling thread and is restored afterwards."""
+    previous = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
+
 def _host(tensor, ct):
     """A contiguous NumPy view of `tensor` in the compute dtype (a copy only where needed)."""
     return tensor.detach().to(ct).contiguous().numpy()
@@ -232,8 +247,9 @@ def _cpu_forward(value, shapes, starts, loc, ref, attn):
     v, loc_, attn_ = (_host(t, ct) for t in (value, loc, attn))
     ref_ = None if ref is None else _host(ref, ct)
     out = _new_tensor(N, Q, M, D, dtype=ct)
-    order = cpu_kernels.query_order(loc_, shapes, ref_)
-    cpu_kernels.forward(v, shapes, starts, loc_, ref_, attn_, order, out.numpy())
+    with _torch_threads():
+        order = cpu_kernels.query_order(loc_, shapes, ref_)
+        cpu_kernels.forward(v, shapes, starts, loc_, ref_, attn_, order, out.numpy())
     return out.view(N, Q, M * D).to(value.dtype)
 
 
@@ -248,10 +264,21 @@ def _cpu_backward(grad_output, value, shapes, starts, loc, ref, attn):
     grad_value = _new_tensor(*v.shape, dtype=ct, zeroed=True)
     grad_loc = _new_tensor(*loc_.shape, dtype=ct)
     grad_attn = _new_tensor(*attn_.shape, dtype=ct)
-    order = cpu_kernels.query_order(loc_, shapes, ref_)
-    cpu_kernels.backward_kernel(
-        v, shapes, starts, loc_, ref_, attn_, order, grad_out, grad_value.numpy(), grad_loc.numpy(), grad_attn.numpy()
-    )
+    with _torch_threads():
+        order = cpu_kernels.query_order(loc_, shapes, ref_)
+        cpu_kernels.backward_kernel(
+            v,
+            shapes,
+            starts,
+            loc_,
+            ref_,
+            attn_,
+            order,
+            grad_out,
+            grad_value.numpy(),
+            grad_loc.numpy(),
+            grad_attn.numpy(),
+        )
     return grad_value.to(value.dtype), grad_loc.to(loc.dtype), grad_attn.to(attn.dtype)
 
 

@@ -28,10 +28,8 @@ def make_inputs(N=2, shapes=((6, 7), (3, 4)), Q=5, M=2, D=4, P=2, dtype=torch.fl
 
 
 @pytest.fixture
-def numba_threads():
-    """Set numba's thread count inside a test and restore it afterwards."""
-    import numba
-
-    before = numba.get_num_threads()
-    yield numba.set_num_threads
-    numba.set_num_threads(before)
+def torch_threads():
+    """Set torch's intra-op thread count (which the op's kernels follow) inside a test and restore it afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)

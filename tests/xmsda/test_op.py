@@ -107,15 +107,34 @@ def test_medium_shapes_match_reference(dtype):
         torch.testing.assert_close(a, b, **tol)
 
 
-def test_backward_is_deterministic_across_runs_and_thread_counts(numba_threads):
+def test_backward_is_deterministic_across_runs_and_thread_counts(torch_threads):
     inputs = make_inputs(N=2, shapes=((20, 30), (10, 15), (5, 8)), Q=400, M=2, D=32, P=4, dtype=torch.float32)
     results = []
     for threads in (1, 2, 2, 1):
-        numba_threads(threads)
+        torch_threads(threads)
         results.append(grads(op, *inputs))
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             assert torch.equal(a, b)
+
+
+def test_kernels_run_on_torchs_thread_count(torch_threads, monkeypatch):
+    import numba
+
+    from xmsda.kernels import cpu
+
+    seen = []
+    for name in ("forward", "backward_kernel"):
+        kernel = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, k=kernel, n=name: seen.append((n, numba.get_num_threads())) or k(*a))
+    before = numba.get_num_threads()
+    inputs = make_inputs(N=1, shapes=((6, 7),), Q=5, M=2, D=4, P=2)
+    for threads in (1, 2):
+        torch_threads(threads)
+        grads(op, *inputs)
+    expected = [(n, min(t, numba.config.NUMBA_NUM_THREADS)) for t in (1, 2) for n in ("forward", "backward_kernel")]
+    assert seen == expected
+    assert numba.get_num_threads() == before  # restored for the caller's own numba code
 
 
 def test_query_order_is_a_locality_preserving_permutation():

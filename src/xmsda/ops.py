@@ -13,6 +13,7 @@ skips two passes over the `[N, Q, M, L, P, 2]` tensor forward (division, additio
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 
 import numba
@@ -221,6 +222,44 @@ def _warn_reference(device):
         )
 
 
+# Set in a process forked after numba's OpenMP threads started: GNU OpenMP cannot run in such a child (numba
+# terminates a child that launches a kernel), so the ops fall back to the reference there instead of dying.
+_forked_from_openmp = False
+
+
+def _note_fork() -> None:
+    global _forked_from_openmp
+    # threading_layer() raises ValueError while numba has run no parallel code: the child can start its own threads
+    with contextlib.suppress(ValueError):
+        _forked_from_openmp = _forked_from_openmp or numba.threading_layer() == "omp"
+
+
+os.register_at_fork(after_in_child=_note_fork)
+_warned_fork = False
+
+
+def _kernels_unavailable(device) -> bool:
+    """Whether the ops must run the grid_sample reference instead of the CPU kernels: tensors on another device (no
+    kernel for them yet), or a process forked after numba's OpenMP threads started. Warns once per reason."""
+    global _warned_fork
+    if device.type != "cpu":
+        _warn_reference(device)
+        return True
+    if _forked_from_openmp:
+        if not _warned_fork:
+            _warned_fork = True
+            warnings.warn(
+                "xmsda: this process was forked after numba's OpenMP threads had started, and GNU OpenMP cannot run "
+                "in a forked child; using the grid_sample reference (slow). To keep the kernels, start worker "
+                "processes with the 'spawn' or 'forkserver' method, or run the op first in the children, or give "
+                "numba a fork-safe threading layer (NUMBA_THREADING_LAYER=tbb with the tbb package).",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return True
+    return False
+
+
 @contextlib.contextmanager
 def _torch_threads():
     """Run the kernels on as many threads as torch's intra-op pool (`torch.set_num_threads`), as torch's own CPU ops
@@ -306,8 +345,7 @@ def _ms_deform_attn_op(
     # Checked here too: callers of torch.ops.xmsda.* skip the wrapper, and the kernels trust these bounds.
     check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     shapes, starts = _levels(value, spatial_shapes, level_start_index)
-    if value.device.type != "cpu":
-        _warn_reference(value.device)
+    if _kernels_unavailable(value.device):
         return ms_deform_attn_core_pytorch(value, shapes.tolist(), sampling_locations, attention_weights)
     return _cpu_forward(value, shapes, starts, sampling_locations, None, attention_weights)
 
@@ -330,8 +368,7 @@ def _ms_deform_attn_backward_op(
     check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     _check_grad_output(grad_output, value, sampling_locations)
     shapes, starts = _levels(value, spatial_shapes, level_start_index)
-    if value.device.type != "cpu":
-        _warn_reference(value.device)
+    if _kernels_unavailable(value.device):
         hw = shapes.tolist()
         return _reference_vjp(
             grad_output,
@@ -384,8 +421,7 @@ def _ms_deform_attn_offsets_op(
 ) -> torch.Tensor:
     check_offset_inputs(value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights)
     shapes, starts = _levels(value, spatial_shapes, level_start_index)
-    if value.device.type != "cpu":
-        _warn_reference(value.device)
+    if _kernels_unavailable(value.device):
         loc = locations_from_offsets(reference_points, sampling_offsets, spatial_shapes)
         return ms_deform_attn_core_pytorch(value, shapes.tolist(), loc, attention_weights)
     return _cpu_forward(value, shapes, starts, sampling_offsets, reference_points, attention_weights)
@@ -412,8 +448,7 @@ def _ms_deform_attn_offsets_backward_op(
     check_offset_inputs(value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights)
     _check_grad_output(grad_output, value, sampling_offsets)
     shapes, starts = _levels(value, spatial_shapes, level_start_index)
-    if value.device.type != "cpu":
-        _warn_reference(value.device)
+    if _kernels_unavailable(value.device):
         hw = shapes.tolist()
         return _reference_vjp(
             grad_output,

@@ -1,0 +1,65 @@
+"""The op in the processes and threads that training and serving code runs it in."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+
+import torch
+
+import xmsda
+
+from .conftest import make_inputs
+
+# Run in a fresh interpreter: the parent must have started numba's threads itself, as a server that warms up before
+# forking its workers would.
+FORKED_CHILD = textwrap.dedent(
+    """
+    import json, multiprocessing as mp, warnings, torch, xmsda
+    from xmsda.bench import make_op_inputs, PRESETS
+
+    args = make_op_inputs(PRESETS["tiny"], dtype=torch.float64)
+    expected = xmsda.ms_deform_attn(*args)
+
+    def child(queue):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            value, ss, lsi, loc, attn = [t.clone().requires_grad_() if t.is_floating_point() else t for t in args]
+            out = xmsda.ms_deform_attn(value, ss, lsi, loc, attn)
+            out.sum().backward()
+        messages = [str(w.message) for w in caught]
+        queue.put({"same": torch.allclose(out, expected), "grad": value.grad is not None, "warnings": messages})
+
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    process = ctx.Process(target=child, args=(queue,))
+    process.start()
+    process.join(120)
+    print(json.dumps({"exitcode": process.exitcode, **(queue.get(timeout=10) if process.exitcode == 0 else {})}))
+    """
+)
+
+
+def test_a_process_forked_after_the_kernels_ran_falls_back_to_the_reference():
+    # GNU OpenMP cannot run in a forked child (numba would terminate it); the op computes the same result there
+    # through the grid_sample reference, with a warning that says why and how to keep the kernels.
+    result = subprocess.run([sys.executable, "-c", FORKED_CHILD], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    child = json.loads(result.stdout)
+    assert child["exitcode"] == 0 and child["same"] and child["grad"], child
+    assert any("forked" in m and "spawn" in m for m in child["warnings"]), child
+
+
+def test_concurrent_calls_from_threads_agree():
+    inputs = make_inputs(N=2, shapes=((20, 30), (10, 15)), Q=300, M=2, D=32, P=4, dtype=torch.float32)
+    expected = xmsda.ms_deform_attn(*inputs)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(xmsda.ms_deform_attn(*inputs))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 4 and all(torch.equal(r, expected) for r in results)

@@ -18,7 +18,7 @@ from .conftest import make_inputs
 # forking its workers would.
 FORKED_CHILD = textwrap.dedent(
     """
-    import json, multiprocessing as mp, warnings, torch, xmsda
+    import json, multiprocessing as mp, warnings, numba, torch, xmsda
     from xmsda.bench import make_op_inputs, PRESETS
 
     args = make_op_inputs(PRESETS["tiny"], dtype=torch.float64)
@@ -38,7 +38,8 @@ FORKED_CHILD = textwrap.dedent(
     process = ctx.Process(target=child, args=(queue,))
     process.start()
     process.join(120)
-    print(json.dumps({"exitcode": process.exitcode, **(queue.get(timeout=10) if process.exitcode == 0 else {})}))
+    result = queue.get(timeout=10) if process.exitcode == 0 else {}
+    print(json.dumps({"layer": numba.threading_layer(), "exitcode": process.exitcode, **result}))
     """
 )
 
@@ -50,7 +51,8 @@ def test_a_process_forked_after_the_kernels_ran_falls_back_to_the_reference():
     assert result.returncode == 0, result.stderr
     child = json.loads(result.stdout)
     assert child["exitcode"] == 0 and child["same"] and child["grad"], child
-    assert any("forked" in m and "spawn" in m for m in child["warnings"]), child
+    if child["layer"] == "omp":  # numba's default where GNU OpenMP is installed (TBB and its work queue fork fine)
+        assert any("forked" in m and "spawn" in m for m in child["warnings"]), child
 
 
 def test_concurrent_calls_from_threads_agree():

@@ -37,8 +37,9 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
         attention_weights: `[N, Q, M, L, P]`.
 
     Returns:
-        `[N, Q, M*D]` in the dtype of `value`.
+        `[N, Q, M*D]` in the dtype of `value` (float32 under autocast, see `_autocast_to_float32`).
     """
+    value, sampling_locations, attention_weights = _autocast_to_float32(value, sampling_locations, attention_weights)
     check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if value.device.type != "cpu":  # no kernel yet: plain autograd through the reference
         _warn_reference(value.device)
@@ -61,9 +62,12 @@ def ms_deform_attn_offsets(
         sampling_offsets: `[N, Q, M, L, P, 2]` (x, y) offsets in pixels of each level.
 
     Returns:
-        `[N, Q, M*D]` in the dtype of `value`; differentiable in value, reference_points, sampling_offsets and
-        attention_weights.
+        `[N, Q, M*D]` in the dtype of `value` (float32 under autocast); differentiable in value, reference_points,
+        sampling_offsets and attention_weights.
     """
+    value, reference_points, sampling_offsets, attention_weights = _autocast_to_float32(
+        value, reference_points, sampling_offsets, attention_weights
+    )
     check_offset_inputs(value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights)
     if value.device.type != "cpu":
         _warn_reference(value.device)
@@ -73,6 +77,17 @@ def ms_deform_attn_offsets(
     return torch.ops.xmsda.ms_deform_attn_offsets(
         value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights
     )
+
+
+def _autocast_to_float32(*tensors):
+    """Under autocast (torch.autocast on the tensors' device) the op runs on float32 inputs, as the registered ops do
+    for callers of torch.ops (`register_autocast` below): autocast hands it bfloat16/float16 projections next to
+    float32 reference points and locations, and locations need float32 anyway (in bfloat16 a location on a
+    167-pixel-wide map is off by up to a third of a pixel). The output is float32; the next autocast op casts it."""
+    device_type = tensors[0].device.type if isinstance(tensors[0], torch.Tensor) else None
+    if not (device_type and torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return tensors
+    return tuple(t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
 
 
 def offset_normalizer(spatial_shapes, dtype):
@@ -490,3 +505,7 @@ def _offsets_backward(ctx, grad_output):
 
 
 _ms_deform_attn_offsets_op.register_autograd(_offsets_backward, setup_context=_setup_context)
+
+for _op in (_ms_deform_attn_op, _ms_deform_attn_offsets_op):
+    for _device_type in ("cpu", "cuda"):
+        torch.library.register_autocast(_op, _device_type, torch.float32)

@@ -219,3 +219,28 @@ def test_torch_compile_and_export_see_through_the_op():
     exported = torch.export.export(module, (query, ref_points, flat, ss, lsi))
     assert "xmsda.ms_deform_attn" in str(exported.graph)
     torch.testing.assert_close(exported.module()(query, ref_points, flat, ss, lsi), eager)
+
+
+def test_under_autocast_the_ops_run_on_float32_inputs():
+    # autocast hands the op bfloat16 projections next to float32 locations; it computes in float32, exactly as on
+    # the upcast inputs, through the wrappers and through torch.ops alike
+    from xmsda.ops import ms_deform_attn_offsets
+
+    value, ss, lsi, loc, attn = make_inputs(N=2, shapes=((6, 7), (3, 4)), Q=5, M=2, D=8, P=3, dtype=torch.float32)
+    ref = loc[:, :, 0, :, 0, :].contiguous()
+    offsets = (loc - ref[:, :, None, :, None, :]) * 5.0
+    low = [t.bfloat16() for t in (value, attn, offsets)]
+    up = [t.float() for t in low]
+    expected = xmsda.ms_deform_attn(up[0], ss, lsi, loc, up[1])
+    expected_offsets = ms_deform_attn_offsets(up[0], ss, lsi, ref, up[2], up[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for out in (
+            xmsda.ms_deform_attn(low[0], ss, lsi, loc, low[1]),
+            torch.ops.xmsda.ms_deform_attn(low[0], ss, lsi, loc, low[1]),
+        ):
+            assert out.dtype == torch.float32 and torch.equal(out, expected)
+        for out in (
+            ms_deform_attn_offsets(low[0], ss, lsi, ref, low[2], low[1]),
+            torch.ops.xmsda.ms_deform_attn_offsets(low[0], ss, lsi, ref, low[2], low[1]),
+        ):
+            assert out.dtype == torch.float32 and torch.equal(out, expected_offsets)

@@ -137,3 +137,14 @@ def test_backward_op_checks_the_output_gradient():
         torch.ops.xmsda.ms_deform_attn_offsets_backward(
             torch.zeros(1, 3, 7, dtype=value.dtype), value, ss, lsi, ref, offsets, attn
         )
+
+
+def test_backward_is_deterministic_across_thread_counts(torch_threads):
+    inputs = make_offset_inputs(torch.float32, N=2, shapes=((20, 30), (10, 15)), Q=300, M=2, D=32, P=4)
+    results = []
+    for threads in (1, 2, 2, 1):
+        torch_threads(threads)
+        results.append(grads(ms_deform_attn_offsets, *inputs))
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)

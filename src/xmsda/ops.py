@@ -266,8 +266,8 @@ def _kernels_unavailable(device) -> bool:
             warnings.warn(
                 "xmsda: this process was forked after numba's OpenMP threads had started, and GNU OpenMP cannot run "
                 "in a forked child; using the grid_sample reference (slow). To keep the kernels, start worker "
-                "processes with the 'spawn' or 'forkserver' method, or run the op first in the children, or give "
-                "numba a fork-safe threading layer (NUMBA_THREADING_LAYER=tbb with the tbb package).",
+                "processes with the 'spawn' or 'forkserver' method, or fork before the parent first runs the op, or "
+                "give numba a fork-safe threading layer (NUMBA_THREADING_LAYER=tbb with the tbb package).",
                 RuntimeWarning,
                 stacklevel=4,
             )

@@ -5,12 +5,12 @@ Three variants compute the same function:
   grid_sample  Deformable DETR's / mmcv's reference (`reference.ms_deform_attn_core_pytorch`)
   gather       corner gathers in stock PyTorch (`reference.ms_deform_attn_gather`)
 
-Phases: `forward` (no autograd), `backward` (the backward pass alone, after an untimed forward with autograd), and
-`train_step` (a whole `MSDeformAttn` module: forward, loss, backward, SGD step). In the module, xmsda computes the
-sampling locations inside the op (`ms_deform_attn_offsets`); the other variants compute them in torch, as Deformable
-DETR does. With the profile on, the training step also times a `free-core` module whose sampling core (with the
-location arithmetic) costs nothing: the part of the step no op can remove, and `xmsda-unfused`, the xmsda module
-with the locations computed in torch: what fusing them saves.
+Phases: `forward` (no autograd), `backward` (the backward pass alone, after an untimed forward with autograd),
+`module_forward` (a whole `MSDeformAttn` module, no autograd: inference) and `train_step` (the module: forward, loss,
+backward, SGD step). In the module, xmsda computes the sampling locations inside the op (`ms_deform_attn_offsets`);
+the other variants compute them in torch, as Deformable DETR does. With the profile on, the module phases also time
+a `free-core` module whose sampling core (with the location arithmetic) costs nothing: the part no op can remove,
+and `xmsda-unfused`, the xmsda module with the locations computed in torch: what fusing them saves.
 Times are medians over `repeat` runs after one warm-up, all variants in one process, interleaved (in a rotating order)
 so that load from other processes hits them alike.
 
@@ -90,7 +90,8 @@ VARIANTS: dict[str, Callable] = {
     "grid_sample": lambda v, ss, lsi, loc, a: ms_deform_attn_core_pytorch(v, ss, loc, a),
     "gather": lambda v, ss, lsi, loc, a: ms_deform_attn_gather(v, ss, loc, a),
 }
-PHASES = ("forward", "backward", "train_step")
+PHASES = ("forward", "backward", "module_forward", "train_step")
+MODULE_PHASES = ("module_forward", "train_step")
 
 
 def _level_tensors(shapes):
@@ -172,6 +173,16 @@ def _make_module(preset: Preset, variant: str, dtype, seed=0) -> _Module:
 def _phase_runner(preset: Preset, variant: str, phase: str, dtype) -> Callable[[], None]:
     """A closure that runs one phase once (inputs built up front)."""
     fn = VARIANTS[variant]
+    if phase == "module_forward":
+        module = _make_module(preset, variant, dtype)
+        inputs = make_module_inputs(preset, dtype)
+
+        def module_forward():
+            with torch.no_grad():
+                module(*inputs)
+
+        module_forward.module = module
+        return module_forward
     if phase == "train_step":
         module = _make_module(preset, variant, dtype)
         inputs = make_module_inputs(preset, dtype)
@@ -336,17 +347,17 @@ FREE_CORE = "free-core"
 UNFUSED = "xmsda-unfused"
 
 
-def _free_core_step(preset: Preset, dtype) -> Callable[[], None]:
-    """A module training step whose sampling core is `_FreeCore`: the time no core, however fast, can remove."""
-    runner = _phase_runner(preset, "xmsda", "train_step", dtype)
+def _free_core_runner(preset: Preset, phase: str, dtype) -> Callable[[], None]:
+    """A module phase whose sampling core is `_FreeCore`: the time no core, however fast, can remove."""
+    runner = _phase_runner(preset, "xmsda", phase, dtype)
     runner.module.attend_offsets = lambda v, ss, lsi, ref, offsets, attn: _FreeCore.apply(v, offsets, attn)
     return runner
 
 
-def _unfused_step(preset: Preset, dtype) -> Callable[[], None]:
-    """The xmsda module's training step with the sampling locations computed in torch and passed to
+def _unfused_runner(preset: Preset, phase: str, dtype) -> Callable[[], None]:
+    """A module phase of the xmsda module with the sampling locations computed in torch and passed to
     `ms_deform_attn`, as before `ms_deform_attn_offsets`: what fusing the location arithmetic saves."""
-    runner = _phase_runner(preset, "xmsda", "train_step", dtype)
+    runner = _phase_runner(preset, "xmsda", phase, dtype)
     module = runner.module
     module.attend_offsets = lambda v, ss, lsi, ref, offsets, attn: module.attend(
         v, ss, lsi, locations_from_offsets(ref, offsets, ss), attn
@@ -418,10 +429,10 @@ def run_benchmark(
     }
     for phase in phases:
         runners = {v: _phase_runner(preset, v, phase, dtype) for v in variants}
-        if phase == "train_step" and profile:
-            runners[FREE_CORE] = _free_core_step(preset, dtype)
+        if phase in MODULE_PHASES and profile:
+            runners[FREE_CORE] = _free_core_runner(preset, phase, dtype)
             if "xmsda" in variants:
-                runners[UNFUSED] = _unfused_step(preset, dtype)
+                runners[UNFUSED] = _unfused_runner(preset, phase, dtype)
         times = {v: [] for v in runners}
         for r in runners.values():
             _time(r)  # warm-up
@@ -480,11 +491,11 @@ def format_report(result: dict) -> str:
             f"  {e['op']:<36} {e['self_s'] * 1e3:8.1f} ms {e['share'] * 100:5.1f}%  x{e['calls']}"
             for e in prof["train_step_top_ops"]
         ]
-    if FREE_CORE in result["phases"].get("train_step", {}):
+    if any(FREE_CORE in result["phases"].get(phase, {}) for phase in MODULE_PHASES):
         lines += [
             "",
-            f"{FREE_CORE}: the module's training step with a sampling core that costs nothing (linear layers,",
-            "softmax, loss, optimizer): time no op can remove, the highest ratio any op reaches.",
+            f"{FREE_CORE}: the module with a sampling core that costs nothing (linear layers, softmax, and in the",
+            "training step the loss and optimizer): time no op can remove, the highest ratio any op reaches.",
             f"{UNFUSED}: the xmsda module with the sampling locations computed in torch (ms_deform_attn instead of",
             "ms_deform_attn_offsets).",
         ]

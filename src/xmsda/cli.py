@@ -39,7 +39,7 @@ def _bench(args) -> int:
 
 
 def main(argv=None) -> int:
-    from .bench import PRESETS
+    from .bench import PHASES, PRESETS
 
     parser = argparse.ArgumentParser(prog="xmsda", description="Fast multi-scale deformable attention.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,12 +49,14 @@ def main(argv=None) -> int:
         description="; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()),
     )
     bench.add_argument("--preset", choices=sorted(PRESETS), default="detr-encoder")
-    bench.add_argument("--threads", type=int, default=None, help="torch and numba threads (default: all cores)")
+    bench.add_argument(
+        "--threads", type=int, default=None, help="torch threads, which the op follows (default: all cores)"
+    )
     bench.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
     bench.add_argument("--repeat", type=int, default=5, help="timed runs per variant and phase (median reported)")
     bench.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"], default="float32")
     bench.add_argument("--variants", default="xmsda,grid_sample,gather", help="comma-separated subset")
-    bench.add_argument("--phases", default="forward,backward,train_step", help="comma-separated subset")
+    bench.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     bench.add_argument("--no-profile", action="store_true", help="skip the profile and roofline estimate")
     bench.add_argument("--quiet", action="store_true", help="no per-run progress on stderr")

@@ -17,7 +17,7 @@ def test_bench_cli_reports_every_variant_phase_and_the_free_core(tmp_path, capsy
     assert result["preset"]["name"] == "tiny" and result["threads"] >= 1
     for phase in bench.PHASES:
         entry = result["phases"][phase]
-        expected = set(bench.VARIANTS) | ({bench.FREE_CORE, bench.UNFUSED} if phase == "train_step" else set())
+        expected = set(bench.VARIANTS) | ({bench.FREE_CORE, bench.UNFUSED} if phase in bench.MODULE_PHASES else set())
         assert set(entry) == expected
         for e in entry.values():
             assert len(e["times_s"]) == 2 and e["median_s"] > 0
@@ -34,7 +34,7 @@ def test_bench_cli_rejects_unknown_variants(capsys):
 
 
 def test_free_core_passes_zero_gradients_to_the_linear_layers():
-    step = bench._free_core_step(bench.PRESETS["tiny"], torch.float32)
+    step = bench._free_core_runner(bench.PRESETS["tiny"], "train_step", torch.float32)
     step()
     module = step.module
     # The core's zero gradients still reach every projection, so their weight-gradient matmuls run.

@@ -473,7 +473,7 @@ def format_report(result: dict) -> str:
         f"dtype {result['dtype']}, {result['threads']} threads, median of {result['repeat']} runs "
         f"(numba threading layer {result['machine']['numba_threading_layer']})",
         "",
-        f"{'phase':<11} {'variant':<12} {'median':>10} {'vs grid_sample':>15} {'peak memory':>12}",
+        f"{'phase':<14} {'variant':<13} {'median':>10} {'vs grid_sample':>15} {'peak memory':>12}",
     ]
     for phase, entry in result["phases"].items():
         for v, e in entry.items():
@@ -481,7 +481,7 @@ def format_report(result: dict) -> str:
             peak_s = "n/a" if peak is None else f"{peak / 2**20:.0f} MiB"
             ratio = e.get("speedup_vs_grid_sample")
             ratio_s = "" if ratio is None else f"{ratio:.1f}x"
-            lines.append(f"{phase:<11} {v:<12} {e['median_s'] * 1e3:>8.1f}ms {ratio_s:>15} {peak_s:>12}")
+            lines.append(f"{phase:<14} {v:<13} {e['median_s'] * 1e3:>8.1f}ms {ratio_s:>15} {peak_s:>12}")
     prof = result.get("profile")
     if prof:
         lines += ["", "xmsda op, where the time goes (median):"]

@@ -27,9 +27,9 @@ reads of grad_out alone cost a third of its time.
 Query order: both kernels visit the queries in the order `query_order` returns, along a Z-order (Morton) curve of
 where each query samples. Queries that sample near each other then run one after another and find their value rows
 still in L1/L2; in Deformable DETR's encoder, row-major order sweeps a band of the map several rows high that (at
-every level together) exceeds the 1 MiB L2. On detr-encoder: forward 1.3-1.5x and backward 1.1x faster (`xmsda
-bench`, "queries in given order", two runs). The order is a function of the locations alone (a stable sort), so
-results stay bit-identical for any thread count.
+every level together) exceeds the 1 MiB L2. On detr-encoder: forward 1.25-1.5x and backward 1.1-1.3x faster
+(`xmsda bench`, "queries in given order", three runs). The order is a function of the locations alone (a stable
+sort), so results stay bit-identical for any thread count.
 
 Reference points: given `ref` (`[N, Q, L, 2]`), `loc` holds Deformable DETR's sampling offsets in pixels and each
 location is computed in the coordinate phase as the module computes it, ref + offset / (W, H); the backward then

@@ -72,3 +72,26 @@ def test_switch_gives_the_same_outputs_and_gradients(monkeypatch):
     assert grads_x.keys() == grads.keys()
     for name, g in grads.items():
         torch.testing.assert_close(grads_x[name], g, msg=name)
+
+
+def test_switch_works_under_cpu_autocast():
+    import xmsda.integrations.transformers as xt
+
+    model = tiny_model().float()
+    pixels = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+
+    def run():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(pixel_values=pixels)
+        out.last_hidden_state.float().square().sum().backward()
+        return out.last_hidden_state.float().detach(), model.encoder.layers[0].self_attn.sampling_offsets.weight.grad
+
+    expected, _ = run()
+    xt.enable()
+    try:
+        out, grad = run()
+    finally:
+        xt.disable()
+    torch.testing.assert_close(out, expected, atol=0.05, rtol=0.05)  # bfloat16 projections either way
+    assert grad is not None and torch.isfinite(grad).all()

@@ -126,13 +126,14 @@ def make_op_inputs(preset: Preset, dtype=torch.float32, seed=0):
 
 
 class _Module(MSDeformAttn):
-    """`MSDeformAttn` on a variant's core. xmsda is the module as shipped (locations computed inside the op); the
-    others get the locations computed in torch, as in Deformable DETR."""
+    """`MSDeformAttn` on a variant's core. xmsda is the module as shipped (locations computed inside the op, unless
+    `fuse_locations` is turned off); the others get the locations computed in torch, as in Deformable DETR."""
 
     def __init__(self, preset: Preset, variant: str):
         L = len(preset.shapes)
         super().__init__(preset.heads * preset.head_dim, L, preset.heads, preset.points)
         self.variant = variant
+        self.fuse_locations = variant == "xmsda"
 
     def attend(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
         core = VARIANTS[self.variant]
@@ -141,7 +142,7 @@ class _Module(MSDeformAttn):
     def attend_offsets(
         self, value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights
     ):
-        if self.variant == "xmsda":
+        if self.fuse_locations:
             return super().attend_offsets(
                 value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights
             )
@@ -358,10 +359,7 @@ def _unfused_runner(preset: Preset, phase: str, dtype) -> Callable[[], None]:
     """A module phase of the xmsda module with the sampling locations computed in torch and passed to
     `ms_deform_attn`, as before `ms_deform_attn_offsets`: what fusing the location arithmetic saves."""
     runner = _phase_runner(preset, "xmsda", phase, dtype)
-    module = runner.module
-    module.attend_offsets = lambda v, ss, lsi, ref, offsets, attn: module.attend(
-        v, ss, lsi, locations_from_offsets(ref, offsets, ss), attn
-    )
+    runner.module.fuse_locations = False
     return runner
 
 

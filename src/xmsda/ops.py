@@ -44,7 +44,7 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     if value.device.type != "cpu":  # no kernel yet: plain autograd through the reference
         _warn_reference(value.device)
         shapes, _ = _levels(value, spatial_shapes, level_start_index)
-        return ms_deform_attn_core_pytorch(value, shapes.tolist(), sampling_locations, attention_weights)
+        return _reference_core(value, shapes, spatial_shapes, sampling_locations, None, attention_weights)
     return torch.ops.xmsda.ms_deform_attn(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights
     )
@@ -72,8 +72,7 @@ def ms_deform_attn_offsets(
     if value.device.type != "cpu":
         _warn_reference(value.device)
         shapes, _ = _levels(value, spatial_shapes, level_start_index)
-        loc = locations_from_offsets(reference_points, sampling_offsets, spatial_shapes)
-        return ms_deform_attn_core_pytorch(value, shapes.tolist(), loc, attention_weights)
+        return _reference_core(value, shapes, spatial_shapes, sampling_offsets, reference_points, attention_weights)
     return torch.ops.xmsda.ms_deform_attn_offsets(
         value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights
     )
@@ -288,18 +287,20 @@ def _torch_threads():
         numba.set_num_threads(previous)
 
 
-def _host(tensor, ct):
-    """A contiguous NumPy view of `tensor` in the compute dtype (a copy only where needed)."""
-    return tensor.detach().to(ct).contiguous().numpy()
+def _host_inputs(value, loc, ref, attn):
+    """The compute dtype and contiguous NumPy views of the inputs in it (copies only where needed); `ref` None means
+    `loc` holds locations, else offsets from these reference points."""
+    ct = _compute_dtype(value.dtype)
+    v, loc_, attn_ = (t.detach().to(ct).contiguous().numpy() for t in (value, loc, attn))
+    ref_ = None if ref is None else ref.detach().to(ct).contiguous().numpy()
+    return ct, v, loc_, ref_, attn_
 
 
 def _cpu_forward(value, shapes, starts, loc, ref, attn):
-    """The forward kernel; `ref` None means `loc` holds locations, else offsets from these reference points."""
+    """The forward kernel (see `_host_inputs` for `loc` and `ref`)."""
     N, _, M, D = value.shape
     Q = loc.shape[1]
-    ct = _compute_dtype(value.dtype)
-    v, loc_, attn_ = (_host(t, ct) for t in (value, loc, attn))
-    ref_ = None if ref is None else _host(ref, ct)
+    ct, v, loc_, ref_, attn_ = _host_inputs(value, loc, ref, attn)
     out = _new_tensor(N, Q, M, D, dtype=ct)
     with _torch_threads():
         order = cpu_kernels.query_order(loc_, shapes, ref_)
@@ -311,10 +312,8 @@ def _cpu_backward(grad_output, value, shapes, starts, loc, ref, attn):
     """The backward kernel: gradients of value, `loc` (locations or, with `ref`, offsets) and attention weights."""
     N, _, M, D = value.shape
     Q = loc.shape[1]
-    ct = _compute_dtype(value.dtype)
-    v, loc_, attn_ = (_host(t, ct) for t in (value, loc, attn))
-    ref_ = None if ref is None else _host(ref, ct)
-    grad_out = _host(grad_output.reshape(N, Q, M, D), ct)
+    ct, v, loc_, ref_, attn_ = _host_inputs(value, loc, ref, attn)
+    grad_out = grad_output.detach().reshape(N, Q, M, D).to(ct).contiguous().numpy()
     grad_value = _new_tensor(*v.shape, dtype=ct, zeroed=True)
     grad_loc = _new_tensor(*loc_.shape, dtype=ct)
     grad_attn = _new_tensor(*attn_.shape, dtype=ct)
@@ -336,17 +335,41 @@ def _cpu_backward(grad_output, value, shapes, starts, loc, ref, attn):
     return grad_value.to(value.dtype), grad_loc.to(loc.dtype), grad_attn.to(attn.dtype)
 
 
+def _reference_core(value, shapes, spatial_shapes, loc, ref, attn):
+    """The grid_sample reference, at `loc` or (with `ref`) at the locations made from these offsets."""
+    if ref is not None:
+        loc = locations_from_offsets(ref, loc, spatial_shapes)
+    return ms_deform_attn_core_pytorch(value, shapes.tolist(), loc, attn)
+
+
+def _forward(value, spatial_shapes, level_start_index, loc, ref, attn):
+    """Both forward ops once their inputs are checked: the CPU kernels, or the reference where they cannot run."""
+    shapes, starts = _levels(value, spatial_shapes, level_start_index)
+    if _kernels_unavailable(value.device):
+        return _reference_core(value, shapes, spatial_shapes, loc, ref, attn)
+    return _cpu_forward(value, shapes, starts, loc, ref, attn)
+
+
+def _backward_op_body(grad_output, value, spatial_shapes, level_start_index, loc, ref, attn):
+    """Both backward ops once their inputs are checked: gradients of value, `loc` and attention weights."""
+    _check_grad_output(grad_output, value, loc)
+    shapes, starts = _levels(value, spatial_shapes, level_start_index)
+    if _kernels_unavailable(value.device):
+        # autograd is switched off inside a custom op; torch.func's vjp differentiates regardless
+        _, vjp = torch.func.vjp(
+            lambda v, lo, a: _reference_core(v, shapes, spatial_shapes, lo, ref, a),
+            value.detach(),
+            loc.detach(),
+            attn.detach(),
+        )
+        return vjp(grad_output)
+    return _cpu_backward(grad_output, value, shapes, starts, loc, ref, attn)
+
+
 def _check_grad_output(grad_output, value, loc):
     N, _, M, D = value.shape
     if tuple(grad_output.shape) != (N, loc.shape[1], M * D):
         raise _shape_error("grad_output", f"[N, Q, M*D] = {[N, loc.shape[1], M * D]}", grad_output)
-
-
-def _reference_vjp(grad_output, core, *inputs):
-    """Gradients of `core(*inputs)` through the reference (autograd is switched off inside a custom op; torch.func's
-    vjp differentiates regardless)."""
-    _, vjp = torch.func.vjp(core, *(t.detach() for t in inputs))
-    return vjp(grad_output)
 
 
 @torch.library.custom_op("xmsda::ms_deform_attn", mutates_args=())
@@ -359,10 +382,7 @@ def _ms_deform_attn_op(
 ) -> torch.Tensor:
     # Checked here too: callers of torch.ops.xmsda.* skip the wrapper, and the kernels trust these bounds.
     check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    shapes, starts = _levels(value, spatial_shapes, level_start_index)
-    if _kernels_unavailable(value.device):
-        return ms_deform_attn_core_pytorch(value, shapes.tolist(), sampling_locations, attention_weights)
-    return _cpu_forward(value, shapes, starts, sampling_locations, None, attention_weights)
+    return _forward(value, spatial_shapes, level_start_index, sampling_locations, None, attention_weights)
 
 
 @_ms_deform_attn_op.register_fake
@@ -381,18 +401,9 @@ def _ms_deform_attn_backward_op(
     attention_weights: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    _check_grad_output(grad_output, value, sampling_locations)
-    shapes, starts = _levels(value, spatial_shapes, level_start_index)
-    if _kernels_unavailable(value.device):
-        hw = shapes.tolist()
-        return _reference_vjp(
-            grad_output,
-            lambda v, loc, attn: ms_deform_attn_core_pytorch(v, hw, loc, attn),
-            value,
-            sampling_locations,
-            attention_weights,
-        )
-    return _cpu_backward(grad_output, value, shapes, starts, sampling_locations, None, attention_weights)
+    return _backward_op_body(
+        grad_output, value, spatial_shapes, level_start_index, sampling_locations, None, attention_weights
+    )
 
 
 @_ms_deform_attn_backward_op.register_fake
@@ -435,11 +446,7 @@ def _ms_deform_attn_offsets_op(
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
     check_offset_inputs(value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights)
-    shapes, starts = _levels(value, spatial_shapes, level_start_index)
-    if _kernels_unavailable(value.device):
-        loc = locations_from_offsets(reference_points, sampling_offsets, spatial_shapes)
-        return ms_deform_attn_core_pytorch(value, shapes.tolist(), loc, attention_weights)
-    return _cpu_forward(value, shapes, starts, sampling_offsets, reference_points, attention_weights)
+    return _forward(value, spatial_shapes, level_start_index, sampling_offsets, reference_points, attention_weights)
 
 
 @_ms_deform_attn_offsets_op.register_fake
@@ -461,20 +468,9 @@ def _ms_deform_attn_offsets_backward_op(
     """Gradients of value, sampling_offsets and attention_weights (the reference points' follows from the
     offsets': see `_offsets_backward`)."""
     check_offset_inputs(value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights)
-    _check_grad_output(grad_output, value, sampling_offsets)
-    shapes, starts = _levels(value, spatial_shapes, level_start_index)
-    if _kernels_unavailable(value.device):
-        hw = shapes.tolist()
-        return _reference_vjp(
-            grad_output,
-            lambda v, off, attn: ms_deform_attn_core_pytorch(
-                v, hw, locations_from_offsets(reference_points, off, spatial_shapes), attn
-            ),
-            value,
-            sampling_offsets,
-            attention_weights,
-        )
-    return _cpu_backward(grad_output, value, shapes, starts, sampling_offsets, reference_points, attention_weights)
+    return _backward_op_body(
+        grad_output, value, spatial_shapes, level_start_index, sampling_offsets, reference_points, attention_weights
+    )
 
 
 @_ms_deform_attn_offsets_backward_op.register_fake

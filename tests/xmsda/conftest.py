@@ -33,3 +33,14 @@ def torch_threads():
     before = torch.get_num_threads()
     yield torch.set_num_threads
     torch.set_num_threads(before)
+
+
+def assert_same_across_thread_counts(set_threads, compute):
+    """`compute()` (a tuple of tensors) gives bit-identical results on repeated runs with 1 and 2 threads."""
+    results = []
+    for threads in (1, 2, 2, 1):
+        set_threads(threads)
+        results.append(compute())
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)

@@ -9,7 +9,7 @@ import torch
 import xmsda
 from xmsda.ops import locations_from_offsets, ms_deform_attn_offsets, offset_normalizer
 
-from .conftest import make_inputs
+from .conftest import assert_same_across_thread_counts, make_inputs
 
 
 def make_offset_inputs(dtype=torch.float64, **kw):
@@ -141,10 +141,4 @@ def test_backward_op_checks_the_output_gradient():
 
 def test_backward_is_deterministic_across_thread_counts(torch_threads):
     inputs = make_offset_inputs(torch.float32, N=2, shapes=((20, 30), (10, 15)), Q=300, M=2, D=32, P=4)
-    results = []
-    for threads in (1, 2, 2, 1):
-        torch_threads(threads)
-        results.append(grads(ms_deform_attn_offsets, *inputs))
-    for other in results[1:]:
-        for a, b in zip(results[0], other, strict=True):
-            assert torch.equal(a, b)
+    assert_same_across_thread_counts(torch_threads, lambda: grads(ms_deform_attn_offsets, *inputs))

@@ -8,7 +8,7 @@ import torch
 import xmsda
 from xmsda.reference import ms_deform_attn_core_pytorch, ms_deform_attn_gather
 
-from .conftest import level_tensors, make_inputs
+from .conftest import assert_same_across_thread_counts, level_tensors, make_inputs
 
 
 def op(value, spatial_shapes, level_start_index, loc, attn):
@@ -109,13 +109,7 @@ def test_medium_shapes_match_reference(dtype):
 
 def test_backward_is_deterministic_across_runs_and_thread_counts(torch_threads):
     inputs = make_inputs(N=2, shapes=((20, 30), (10, 15), (5, 8)), Q=400, M=2, D=32, P=4, dtype=torch.float32)
-    results = []
-    for threads in (1, 2, 2, 1):
-        torch_threads(threads)
-        results.append(grads(op, *inputs))
-    for other in results[1:]:
-        for a, b in zip(results[0], other, strict=True):
-            assert torch.equal(a, b)
+    assert_same_across_thread_counts(torch_threads, lambda: grads(op, *inputs))
 
 
 def test_kernels_run_on_torchs_thread_count(torch_threads, monkeypatch):

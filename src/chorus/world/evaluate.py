@@ -153,8 +153,8 @@ def wording_probe(adapter) -> dict:
         mask = enc.attention_mask.unsqueeze(-1).float()
         sentence = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
         token = []
+        start = carrier.index("{}")
         for row, (w, _, _) in enumerate(words):
-            start = carrier.index("{}")
             span = [
                 i for i, (a, b) in enumerate(enc.offset_mapping[row].tolist()) if b > a and start <= a < start + len(w)
             ]

@@ -10,7 +10,8 @@ named), the mean alignment score, and seed diversity: for `--pairs` prompts a se
 videos differ visibly (objects start at least 2 pixels apart or differ in size).
 
 `--layout-probe` reports how much of the noise-tied layout the model has learned, `--wording-probe` how the text
-encoder places each held-out synonym relative to the training synonyms (see the model card).
+encoder places each held-out synonym relative to the training synonyms, `--wording-ablation` what each held-out part
+of a wording (templates, or one attribute's synonyms) costs the model (see the model card).
 """
 
 from __future__ import annotations
@@ -51,6 +52,15 @@ def _visibly_different(a: analyzer.Analysis, b: analyzer.Analysis) -> bool:
     return a.count != b.count
 
 
+def _score(engine, items, steps: int, progress: bool = True, desc: str = ""):
+    """Generate each (spec, prompt) with seed = its index and analyse the video; yields (index, spec, text, frames,
+    analysis, alignment score) one prompt at a time."""
+    for i, (spec, text) in enumerate(tqdm(items, desc=desc or f"{steps}-step", disable=not progress)):
+        frames = generate(engine, text, i, steps)
+        result = analyzer.analyze(frames)
+        yield i, spec, text, frames, result, analyzer.alignment(spec, result)
+
+
 def evaluate(engine, n: int = 200, steps: int = 4, pairs: int = 20, seed: int = 1234, progress: bool = True) -> dict:
     items = prompts.heldout_prompts(n, seed)
     hits: dict[str, list[bool]] = {}
@@ -58,13 +68,9 @@ def evaluate(engine, n: int = 200, steps: int = 4, pairs: int = 20, seed: int = 
     heldout_words = {w for ws in prompts.vocabulary("heldout").values() for w in ws}
     by_wording: dict[str, list[float]] = {"held-out words": [], "training words only": []}
     t0 = time.perf_counter()
-    for i, (spec, text) in enumerate(tqdm(items, desc=f"{steps}-step", disable=not progress)):
-        frames = generate(engine, text, i, steps)
-        result = analyzer.analyze(frames)
-        h = analyzer.attribute_hits(spec, result)
-        for attr, values in h.items():
+    for i, spec, text, frames, result, score in _score(engine, items, steps, progress):
+        for attr, values in analyzer.attribute_hits(spec, result).items():
             hits.setdefault(attr, []).extend(values)
-        score = analyzer.alignment(spec, result)
         scores.append(score)
         padded = " " + " ".join(text.lower().replace(",", " ").replace(":", " ").split()) + " "
         uses_heldout = any(f" {w} " in padded for w in heldout_words)
@@ -89,6 +95,44 @@ def evaluate(engine, n: int = 200, steps: int = 4, pairs: int = 20, seed: int = 
         "seconds": round(seconds, 1),
         "seconds_per_generation": round(seconds / (n + len(diverse)), 3),
     }
+
+
+def wording_ablation(engine, n: int = 100, steps: int = 4, seed: int = 1234, progress: bool = True) -> dict:
+    """What each held-out part of a wording costs: the same `n` held-out attribute combinations, worded with
+    training wordings only, then with one part (templates, or one attribute's synonyms) always held out, then with
+    every part held out. Per condition the mean alignment and the per-attribute accuracy."""
+    conditions: dict[str, tuple[str, ...]] = {"training wordings": ()}
+    conditions |= {f"held-out {part}": (part,) for part in prompts.WORDING_PARTS}
+    conditions["all held out"] = prompts.WORDING_PARTS
+    out: dict[str, dict] = {}
+    for name, parts in conditions.items():
+        rng = np.random.default_rng(seed)
+        items = []
+        for _ in range(n):
+            spec = prompts.sample_spec(rng, "heldout")
+            items.append((spec, prompts.realize(rng, spec, "heldout", p_word=1.0, parts=parts)))
+        hits: dict[str, list[bool]] = {}
+        scores = []
+        for _, spec, _, _, result, score in _score(engine, items, steps, progress, desc=name):
+            for attr, values in analyzer.attribute_hits(spec, result).items():
+                hits.setdefault(attr, []).extend(values)
+            scores.append(score)
+        out[name] = {
+            "alignment": float(np.mean(scores)),
+            "accuracy": {k: float(np.mean(v)) for k, v in hits.items() if v},
+        }
+    return {"steps": steps, "prompts": n, "conditions": out}
+
+
+def format_ablation(report: dict) -> str:
+    attrs = [*REQUIRED, "size"]
+    head = f"| wording ({report['prompts']} prompts, {report['steps']} steps) | alignment | "
+    lines = [head + " | ".join(attrs) + " |"]
+    lines.append("|" + "---|" * (len(attrs) + 2))
+    for name, r in report["conditions"].items():
+        acc = " | ".join(f"{100 * r['accuracy'].get(a, float('nan')):.0f}%" for a in attrs)
+        lines.append(f"| {name} | {r['alignment']:.3f} | {acc} |")
+    return "\n".join(lines)
 
 
 @torch.no_grad()
@@ -229,6 +273,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--wording-probe", action="store_true", help="only report how the text encoder places the held-out synonyms"
     )
+    p.add_argument(
+        "--wording-ablation",
+        action="store_true",
+        help="only report what each held-out wording part costs (--n prompts per condition, first of --steps)",
+    )
     a = p.parse_args(argv)
     engine = make_engine(a.model)
     if a.layout_probe:
@@ -236,6 +285,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.wording_probe:
         print(json.dumps(wording_probe(engine.adapter), indent=2))
+        return
+    if a.wording_ablation:
+        report = wording_ablation(engine, a.n, a.steps[0])
+        print(json.dumps(report, indent=2))
+        print(format_ablation(report))
+        if a.out:
+            Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
         return
     reports = [evaluate(engine, a.n, s, a.pairs) for s in a.steps]
     print(json.dumps(reports, indent=2))

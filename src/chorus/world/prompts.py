@@ -14,6 +14,7 @@ held-out combination and `realize(..., split="train")` never uses a held-out tem
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -159,36 +160,48 @@ def feasible(spec: PromptSpec, tries: int = 50, min_rate: float = 0.1) -> bool:
     return ok >= min_rate * tries
 
 
-def _word(rng: np.random.Generator, table: dict, value: str, split: str, p_word: float) -> str:
-    train, heldout = table[value]
-    if split == "heldout" and rng.random() < p_word:
-        return str(rng.choice(heldout))
-    return str(rng.choice(train))
+# The parts of a wording that have held-out variants (`realize(..., parts=...)`): the scene template and object form,
+# and the synonyms of each attribute.
+WORDING_PARTS = ("templates", "colour", "shape", "motion", "background", "size")
 
 
-def realize(rng: np.random.Generator, spec: PromptSpec, split: str = "train", *, p_word: float = 0.5) -> str:
+def realize(
+    rng: np.random.Generator,
+    spec: PromptSpec,
+    split: str = "train",
+    *,
+    p_word: float = 0.5,
+    parts: Collection[str] = WORDING_PARTS,
+) -> str:
     """Word a spec. "train" uses only training templates and synonyms; "heldout" uses held-out ones with
-    probability `p_word` each (template, object form and every word independently)."""
+    probability `p_word` each (template, object form and every word independently), for the wording `parts` given
+    (the others keep training wordings: to measure what each part costs a model)."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split={split!r}: expected 'train' or 'heldout'")
+    unknown = set(parts) - set(WORDING_PARTS)
+    if unknown:
+        raise ValueError(f"parts: unknown wording parts {sorted(unknown)}; expected some of {WORDING_PARTS}")
 
-    def pick(pair):
+    def pick(pair, part):
         train, heldout = pair
-        return str(rng.choice(heldout if split == "heldout" and rng.random() < p_word else train))
+        return str(rng.choice(heldout if split == "heldout" and part in parts and rng.random() < p_word else train))
+
+    def word(table, value, part):
+        return pick(table[value], part)
 
     phrases = []
     for o in spec.objects:
-        size = _word(rng, SIZE_WORDS, o.size, split, p_word) + " " if o.size else ""
-        form = pick(OBJECT_FORMS)
+        size = word(SIZE_WORDS, o.size, "size") + " " if o.size else ""
+        form = pick(OBJECT_FORMS, "templates")
         phrase = form.format(
             size=size,
-            colour=_word(rng, COLOUR_WORDS, o.colour, split, p_word),
-            shape=_word(rng, SHAPE_WORDS, o.shape, split, p_word),
-            motion=_word(rng, MOTION_WORDS, o.motion, split, p_word),
+            colour=word(COLOUR_WORDS, o.colour, "colour"),
+            shape=word(SHAPE_WORDS, o.shape, "shape"),
+            motion=word(MOTION_WORDS, o.motion, "motion"),
         )
         phrases.append(phrase)
-    template = pick(SCENE_TEMPLATES)
-    bg = _word(rng, BACKGROUND_WORDS, spec.background, split, p_word)
+    template = pick(SCENE_TEMPLATES, "templates")
+    bg = word(BACKGROUND_WORDS, spec.background, "background")
     text = template.format(objs=" and ".join(phrases), bg=bg)
     return text[0].upper() + text[1:] if rng.random() < 0.3 else text
 

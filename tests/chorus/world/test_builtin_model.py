@@ -84,3 +84,15 @@ def test_wording_probe_places_every_held_out_synonym(engine):
         assert all((n["margin"] >= 0) == ok and -1 <= n["cosine"] <= 1 for n, ok in zip(nearest, correct, strict=True))
     # the encoder knows these are paraphrases: most held-out words sit nearest a training word of their own value
     assert probe["token_correct"] >= 0.75 * len(heldout)
+
+
+def test_wording_ablation_measures_each_held_out_part(engine):
+    report = evaluate.wording_ablation(engine, n=6, steps=4, progress=False)
+    names = ["training wordings", *(f"held-out {part}" for part in prompts.WORDING_PARTS), "all held out"]
+    assert list(report["conditions"]) == names and (report["prompts"], report["steps"]) == (6, 4)
+    for r in report["conditions"].values():
+        assert 0 <= r["alignment"] <= 1 and set(evaluate.REQUIRED) <= set(r["accuracy"])
+    # the same six attribute combinations in every condition: with training wordings the model does better than
+    # with every part of the wording held out
+    assert report["conditions"]["training wordings"]["alignment"] > report["conditions"]["all held out"]["alignment"]
+    assert "| all held out |" in evaluate.format_ablation(report)

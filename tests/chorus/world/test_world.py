@@ -126,6 +126,28 @@ def test_heldout_prompts_are_heldout_and_parse():
     assert prompts.heldout_prompts(50) == prompts.heldout_prompts(50)  # a fixed set
 
 
+def test_realize_holds_out_only_the_parts_asked_for():
+    vocab_heldout = prompts.vocabulary("heldout")
+    rng = np.random.default_rng(5)
+    for part in prompts.WORDING_PARTS:
+        seen = set()
+        for _ in range(200):
+            spec = prompts.sample_spec(rng, "heldout")
+            text = prompts.realize(rng, spec, "heldout", p_word=1.0, parts=(part,))
+            assert prompts.parse(text) == spec
+            padded = _words(text)
+            for attribute, words in vocab_heldout.items():
+                used = {w for w in words if f" {w} " in padded}
+                assert attribute == part or not used, (part, text)
+                seen |= used
+            held_template = any(t.split("{")[0].strip() in text.lower() for t in ("footage of", "on a plain"))
+            assert held_template == (part == "templates"), (part, text)  # p_word=1: always, when asked
+        if part not in ("templates", "size"):  # sizes are named in only some prompts, templates are not words
+            assert seen == vocab_heldout[part], part
+    with pytest.raises(ValueError, match="parts: unknown wording parts \\['colours'\\]"):
+        prompts.realize(rng, spec, "heldout", parts=("colours",))
+
+
 def test_paraphrases_parse_to_the_same_spec():
     a = prompts.parse("a crimson disc drifting leftward on a snow-white background")
     b = prompts.parse("a red circle moving left on a white background")

@@ -7,10 +7,11 @@ Three variants compute the same function:
 
 Phases: `forward` (no autograd), `backward` (the backward pass alone, after an untimed forward with autograd),
 `module_forward` (a whole `MSDeformAttn` module, no autograd: inference) and `train_step` (the module: forward,
-backward from a fixed output gradient, as inside a network, and an SGD step). In the module, xmsda computes the sampling locations inside the op (`ms_deform_attn_offsets`);
-the other variants compute them in torch, as Deformable DETR does. With the profile on, the module phases also time
-a `free-core` module whose sampling core (with the location arithmetic) costs nothing: the part no op can remove,
-and `xmsda-unfused`, the xmsda module with the locations computed in torch: what fusing them saves.
+backward from a fixed output gradient, as inside a network, and an SGD step). In the module, xmsda computes the
+sampling locations inside the op (`ms_deform_attn_offsets`); the other variants compute them in torch, as Deformable
+DETR does. With the profile on, the module phases also time a `free-core` module whose sampling core (with the
+location arithmetic) costs nothing: the part no op can remove, and `xmsda-unfused`, the xmsda module with the
+locations computed in torch: what fusing them saves.
 Times are medians over `repeat` runs after one warm-up, all variants in one process, interleaved (in a rotating order)
 so that load from other processes hits them alike.
 

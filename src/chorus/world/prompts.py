@@ -186,22 +186,19 @@ def realize(
         train, heldout = pair
         return str(rng.choice(heldout if split == "heldout" and part in parts and rng.random() < p_word else train))
 
-    def word(table, value, part):
-        return pick(table[value], part)
-
     phrases = []
     for o in spec.objects:
-        size = word(SIZE_WORDS, o.size, "size") + " " if o.size else ""
+        size = pick(SIZE_WORDS[o.size], "size") + " " if o.size else ""
         form = pick(OBJECT_FORMS, "templates")
         phrase = form.format(
             size=size,
-            colour=word(COLOUR_WORDS, o.colour, "colour"),
-            shape=word(SHAPE_WORDS, o.shape, "shape"),
-            motion=word(MOTION_WORDS, o.motion, "motion"),
+            colour=pick(COLOUR_WORDS[o.colour], "colour"),
+            shape=pick(SHAPE_WORDS[o.shape], "shape"),
+            motion=pick(MOTION_WORDS[o.motion], "motion"),
         )
         phrases.append(phrase)
     template = pick(SCENE_TEMPLATES, "templates")
-    bg = word(BACKGROUND_WORDS, spec.background, "background")
+    bg = pick(BACKGROUND_WORDS[spec.background], "background")
     text = template.format(objs=" and ".join(phrases), bg=bg)
     return text[0].upper() + text[1:] if rng.random() < 0.3 else text
 

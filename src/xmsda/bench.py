@@ -233,6 +233,24 @@ def _time(runner: Callable[[], None]) -> float:
     return time.perf_counter() - t0
 
 
+def _interleaved_times(
+    runners: dict[str, Callable[[], None]], repeat: int, log: Callable[[str], None] | None = None, label: str = ""
+) -> dict[str, list[float]]:
+    """Seconds of `repeat` runs of each runner after one warm-up each. Interleaved, so that outside load hits every
+    runner alike, and in a rotating order: a run right after another's can pay for it (freed memory faulted back in,
+    the other thread pool still spinning). `log` gets a progress line per round."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for runner in runners.values():
+        _time(runner)
+    names = list(runners)
+    for i in range(repeat):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            times[name].append(_time(runners[name]))
+        if log is not None:
+            log(f"{label} {i + 1}/{repeat}: " + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items()))
+    return times
+
+
 def set_threads(threads: int | None) -> int:
     """torch's thread count (which the op follows) and numba's (for the profile's direct kernel calls)."""
     threads = threads or os.cpu_count() or 1
@@ -309,11 +327,8 @@ def profile_op(preset: Preset, dtype=torch.float32, repeat: int = 5) -> dict[str
         "  backward kernel, queries in given order": backward_kernel(args, given_order),
         "  backward kernel, all gathers in L1": backward_kernel(args_l1, order),
     }
-    result = {}
-    for name, fn in pieces.items():
-        fn()
-        result[name] = statistics.median(_time(fn) for _ in range(repeat))
-    return result
+    # interleaved like the variants: timed one after another, the op and its kernels met different load
+    return {name: statistics.median(t) for name, t in _interleaved_times(pieces, repeat).items()}
 
 
 def profile_train_step(preset: Preset, dtype=torch.float32, top: int = 8) -> list[dict]:
@@ -435,16 +450,7 @@ def run_benchmark(
             runners[FREE_CORE] = _free_core_runner(preset, phase, dtype)
             if "xmsda" in variants:
                 runners[UNFUSED] = _unfused_runner(preset, phase, dtype)
-        times = {v: [] for v in runners}
-        for r in runners.values():
-            _time(r)  # warm-up
-        names = list(runners)
-        for i in range(repeat):
-            # Interleaved, so that outside load hits every variant alike, and in a rotating order: a run right after
-            # another variant's can pay for it (freed memory faulted back in, the other thread pool still spinning).
-            for v in names[i % len(names) :] + names[: i % len(names)]:
-                times[v].append(_time(runners[v]))
-            log(f"{phase} {i + 1}/{repeat}: " + ", ".join(f"{v} {t[-1]:.3f}s" for v, t in times.items()))
+        times = _interleaved_times(runners, repeat, log, phase)
         del runners
         entry = {v: {"median_s": statistics.median(t), "times_s": t} for v, t in times.items()}
         if memory:

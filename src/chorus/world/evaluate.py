@@ -104,13 +104,13 @@ def wording_ablation(engine, n: int = 100, steps: int = 4, seed: int = 1234, pro
     conditions: dict[str, tuple[str, ...]] = {"training wordings": ()}
     conditions |= {f"held-out {part}": (part,) for part in prompts.WORDING_PARTS}
     conditions["all held out"] = prompts.WORDING_PARTS
+    # The specs come from their own generator: wording draws differ between conditions and must not change them.
+    spec_rng = np.random.default_rng(seed)
+    specs = [prompts.sample_spec(spec_rng, "heldout") for _ in range(n)]
     out: dict[str, dict] = {}
     for name, parts in conditions.items():
-        rng = np.random.default_rng(seed)
-        items = []
-        for _ in range(n):
-            spec = prompts.sample_spec(rng, "heldout")
-            items.append((spec, prompts.realize(rng, spec, "heldout", p_word=1.0, parts=parts)))
+        word_rng = np.random.default_rng(seed + 1)
+        items = [(spec, prompts.realize(word_rng, spec, "heldout", p_word=1.0, parts=parts)) for spec in specs]
         hits: dict[str, list[bool]] = {}
         scores = []
         for _, spec, _, _, result, score in _score(engine, items, steps, progress, desc=name):

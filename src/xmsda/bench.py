@@ -6,12 +6,12 @@ Three variants compute the same function:
   gather       corner gathers in stock PyTorch (`reference.ms_deform_attn_gather`)
 
 Phases: `forward` (no autograd), `backward` (the backward pass alone, after an untimed forward with autograd),
-`module_forward` (a whole `MSDeformAttn` module, no autograd: inference) and `train_step` (the module: forward,
-backward from a fixed output gradient, as inside a network, and an SGD step). In the module, xmsda computes the
-sampling locations inside the op (`ms_deform_attn_offsets`); the other variants compute them in torch, as Deformable
-DETR does. With the profile on, the module phases also time a `free-core` module whose sampling core (with the
-location arithmetic) costs nothing: the part no op can remove, and `xmsda-unfused`, the xmsda module with the
-locations computed in torch: what fusing them saves.
+`module_forward` (a whole `MSDeformAttn` module, no autograd: inference) and `train_step` (the module as inside a
+network: forward, backward from a fixed output gradient to the parameters and the inputs, and an SGD step). In the
+module, xmsda computes the sampling locations inside the op (`ms_deform_attn_offsets`); the other variants compute
+them in torch, as Deformable DETR does. With the profile on, the module phases also time a `free-core` module whose
+sampling core (with the location arithmetic) costs nothing: the part no op can remove, and `xmsda-unfused`, the
+xmsda module with the locations computed in torch: what fusing them saves.
 Times are medians over `repeat` runs after one warm-up, all variants in one process, interleaved (in a rotating order)
 so that load from other processes hits them alike.
 
@@ -188,17 +188,24 @@ def _phase_runner(preset: Preset, variant: str, phase: str, dtype) -> Callable[[
     if phase == "train_step":
         module = _make_module(preset, variant, dtype)
         inputs = make_module_inputs(preset, dtype)
+        # Inside a network the query and the flattened maps come from trainable layers below (in Deformable DETR the
+        # backbone's input projection, then each encoder layer), so a step also computes their gradients.
+        query, _, flat, _, _ = inputs
+        leaves = [flat.requires_grad_()] + ([] if query is flat else [query.requires_grad_()])
         opt = torch.optim.SGD(module.parameters(), lr=1e-4)
         # The gradient the layers above would send back. A loss computed here (a mean square, say) would be work of
         # the harness, not of the module: ~50 ms of elementwise passes over the output in every variant.
-        grad_output = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+        grad_output = torch.randn(query.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
 
         def train_step():
             opt.zero_grad(set_to_none=True)
+            for leaf in leaves:
+                leaf.grad = None
             module(*inputs).backward(grad_output)
             opt.step()
 
         train_step.module = module
+        train_step.inputs = leaves
         return train_step
     value, ss, lsi, loc, attn = make_op_inputs(preset, dtype)
     if phase == "forward":

@@ -42,6 +42,14 @@ def test_free_core_passes_zero_gradients_to_the_linear_layers():
         assert getattr(module, name).weight.grad is not None
 
 
+def test_train_step_computes_the_gradients_of_the_inputs_too():
+    for preset in ("tiny", "detr-decoder"):  # encoder-like (query is the flattened maps) and decoder-like
+        step = bench._phase_runner(bench.PRESETS[preset], "xmsda", "train_step", torch.float32)
+        step()
+        assert len(step.inputs) == (1 if preset == "tiny" else 2)  # the decoder's query is an input of its own
+        assert all(leaf.grad is not None and leaf.grad.abs().sum() > 0 for leaf in step.inputs)
+
+
 def test_memory_probe_measures_a_phase_in_a_subprocess():
     peak = bench.measure_memory(bench.PRESETS["tiny"], "grid_sample", "forward", torch.float32, threads=1)
     assert peak is not None and peak >= 0

@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     bch.add_argument(
         "--policy",
         action="append",
-        help="none, nirvana, chorus, fbc, taylorseer, magcache, chorus+fbc|taylorseer|magcache|best, "
+        help="none, exact, nirvana, chorus, fbc, taylorseer, magcache, chorus+fbc|taylorseer|magcache|best, "
         "chorus-stage1, chorus-notgaa (repeatable; default none, nirvana, chorus)",
     )
     bch.add_argument("--steps", type=int, default=None, help="denoising steps (model default if omitted)")

@@ -3,6 +3,7 @@
 | policy          | across requests (cache)                                    | within a request (diffusers.hooks) |
 |-----------------|------------------------------------------------------------|------------------------------------|
 | `none`          | nothing                                                    | nothing                            |
+| `exact`         | exact repeats only (same prompt, seed and settings)        | nothing                            |
 | `nirvana`       | stage 1 only, NIRVANA's published table scaled to N steps  | nothing                            |
 | `chorus-stage1` | stage 1 only, Chorus's own thresholds (ablation)           | nothing                            |
 | `chorus-notgaa` | stages 1-3, TGAA off (alpha = 1; ablation)                 | nothing                            |
@@ -19,6 +20,8 @@ NIRVANA (NSDI'24) skips K of 50 steps at CLIP similarity > 0.95 -> 25, > 0.90 ->
 > 0.65 -> 5: the table below as fractions of the schedule. It was set for CLIP text similarities; Chorus embeds with
 MiniLM, under which paraphrases score lower, so the published thresholds reuse less here than they would under CLIP.
 `chorus-stage1` is the stage-1-only baseline at Chorus's thresholds, which isolates what stages 2-3 add.
+`exact` is a plain response cache, the reuse any serving system has: what it gains is the part of every other
+cache policy's speed-up that costs no quality, and the rest is what similarity-based reuse adds.
 
 Intra-request caches are set relative to the schedule (they do nothing on very short ones, which is the point the
 paper makes about 4-step models): TaylorSeer computes the first ~10% of the steps (at least 1) and then every
@@ -77,6 +80,11 @@ def nirvana_planner() -> PlannerConfig:
     return PlannerConfig(stage1=NIRVANA_TABLE, stage2=NIRVANA_TABLE)
 
 
+def exact_planner() -> PlannerConfig:
+    # No similarity tier: a request that is not an exact repeat (served before planning) is computed in full.
+    return PlannerConfig(stage1=(), stage2=())
+
+
 def chorus_stage1_planner(base: PlannerConfig | None = None) -> PlannerConfig:
     base = base or PlannerConfig()
     return replace(base, stage2=base.stage1)
@@ -86,6 +94,8 @@ def make_policy(name: str, planner: PlannerConfig | None = None, stage2: Stage2C
     """A policy by name; `planner`/`stage2` override Chorus's defaults for the chorus policies (sweeps)."""
     if name == "none":
         return Policy(name)
+    if name == "exact":
+        return Policy(name, cache=True, planner=exact_planner(), stage2=Stage2Config(enabled=False))
     if name == "nirvana":
         return Policy(name, cache=True, planner=nirvana_planner(), stage2=Stage2Config(enabled=False))
     if name == "chorus-stage1":
@@ -106,6 +116,7 @@ def make_policy(name: str, planner: PlannerConfig | None = None, stage2: Stage2C
 def known_policies() -> list[str]:
     return [
         "none",
+        "exact",
         "nirvana",
         "chorus-stage1",
         "chorus-notgaa",

@@ -79,9 +79,13 @@ def test_every_policy_runs_and_reports_every_field(short_adapter, embedder, tiny
     assert none["transformer_calls"] == STEPS * 6
     for name in ("fbc", "taylorseer", "magcache"):  # intra-request caches skip blocks inside calls, never calls
         assert out["policies"][name]["hit_rate"] == 0 and out["policies"][name]["transformer_calls"] == STEPS * 6
-    for name in ("nirvana", "chorus", "chorus+best"):  # the trace repeats a prompt exactly: at least that is reused
+    for name in ("exact", "nirvana", "chorus", "chorus+best"):  # the trace repeats a prompt exactly: that is reused
         p = out["policies"][name]
         assert p["hit_rate"] > 0 and p["transformer_calls"] < STEPS * 6 and p["steps_saved"] > 0
+    # `exact` serves exact repeats and computes everything else in full, exactly as `none` does
+    exact = out["policies"]["exact"]["per_request"]
+    assert {r["outcome"] for r in exact} == {"exact", "miss"}
+    assert all(r["psnr"] == 100.0 for r in exact)  # identical frames to `none`'s, served or computed
     assert out["policies"]["chorus+best"]["intra_chosen"] in ("fbc", "taylorseer", "magcache")
     assert {p.name for p in (tmp_path / "plots").iterdir()} == {"speed_vs_alignment.png", "reuse.png"}
     table = markdown(out)

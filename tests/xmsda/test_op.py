@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import xmsda
+from xmsda.kernels import cpu as cpu_kernels
 from xmsda.reference import ms_deform_attn_core_pytorch, ms_deform_attn_gather
 
 from .conftest import assert_same_across_thread_counts, level_tensors, make_inputs
@@ -89,6 +90,24 @@ def test_points_exactly_on_pixel_centres():
     single = torch.zeros_like(attn)
     single[0, 0, 0, 0, 0] = 1.0
     torch.testing.assert_close(op(value, ss, lsi, loc, single)[0, 0, :5], v[0, y * 8 + x, 0])
+
+
+@pytest.mark.parametrize("D", cpu_kernels.SPECIALISED_CHANNELS)
+def test_forward_kernels_compiled_for_a_head_size_match_the_generic_one(D):
+    # Points inside, straddling the border and outside (the default spread), so both of the fast path and the
+    # per-corner edge path run with the head size fixed at compile time.
+    value, ss, lsi, loc, attn = make_inputs(N=2, shapes=((7, 9), (4, 5)), Q=30, M=2, D=D, P=3, dtype=torch.float32)
+    host = [t.numpy() for t in (value, ss, lsi, loc)]
+    order = cpu_kernels.query_order(host[3], host[1], None)
+    outputs = []
+    for kernel in (cpu_kernels.FORWARD_KERNELS[D], cpu_kernels.FORWARD_KERNELS[None]):
+        out = torch.empty(2, 30, 2, D)
+        kernel(*host, None, attn.numpy(), order, out.numpy(), 8)
+        outputs.append(out.view(2, 30, 2 * D))
+    reference = ms_deform_attn_core_pytorch(value, ss, loc, attn)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(outputs[0], reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(op(value, ss, lsi, loc, attn), outputs[0], atol=0, rtol=0)  # the op dispatches to it
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

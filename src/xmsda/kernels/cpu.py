@@ -10,7 +10,8 @@ code (`simd.interior_corners_backward`, ~10% faster than the loops it replaced; 
 loop indexes the last axis of a C-contiguous array with the loop counter, so LLVM emits contiguous vector loads (a
 flat index `base + d` of unknown sign would become a gather, because numba wraps negative indices). Per-query
 accumulators live in stack buffers, which LLVM knows alias no array argument, so the loops need no runtime overlap
-checks.
+checks. The forward kernel is also compiled for common head sizes as constants (SPECIALISED_CHANNELS), where the
+channel loops unroll and the accumulator stays in registers.
 
 Two phases per query: first the pixel cells and fractions of all its coordinates in one branch-free loop that LLVM
 vectorises (`_cells`), then per point the four-corner gather-FMA over the channels. Doing the coordinate arithmetic
@@ -183,94 +184,114 @@ def query_order(loc, shapes, ref):
     return order
 
 
-@numba.njit(**_JIT)
-def forward_kernel(value, shapes, starts, loc, ref, attn, order, out, qblock):
-    """out[n, q, m, :] = sum over (l, p) of attn * bilinear(value[n, m] at level l, loc); queries are visited in
-    blocks of `qblock` in `order` (see query_order). With reference points `ref` (None: `loc` holds locations),
-    `loc` holds offsets (see `_cells_from_offsets`). Numba compiles the two cases apart: the unused branch is pruned."""
-    N, _, M, D = value.shape
-    Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
-    K = L * P
-    t = value.dtype.type
-    one = t(1)
-    loc5 = loc.reshape(N, Q, M, 1, 2 * K)
-    attn4 = attn.reshape(N, Q, M, K)
-    nqb = (Q + qblock - 1) // qblock
-    for task in numba.prange(N * nqb):
-        n = task // nqb
-        q_begin = (task % nqb) * qblock
-        acc = _stack_buffer(value.dtype)
-        frac = _stack_buffer(value.dtype)
-        cell = _stack_buffer(np.int32)
-        half_size = _stack_buffer(value.dtype)
-        limit = _stack_buffer(value.dtype)
-        base = _stack_buffer(value.dtype)
-        heights = _stack_buffer(np.int64)
-        widths = _stack_buffer(np.int64)
-        offsets = _stack_buffer(np.int64)
-        for j in range(K):
-            lvl = j // P
-            heights[j] = shapes[lvl, 0]
-            widths[j] = shapes[lvl, 1]
-            offsets[j] = starts[lvl]
-            limit[2 * j] = t(widths[j])
-            limit[2 * j + 1] = t(heights[j])
-            half_size[2 * j] = limit[2 * j] / (one + one)
-            half_size[2 * j + 1] = limit[2 * j + 1] / (one + one)
-        for i in range(q_begin, min(Q, q_begin + qblock)):
-            q = order[n, i]
-            if ref is not None:
-                _reference_base(ref, n, q, 0, L, P, base)
-            for m in range(M):
-                if ref is None:
-                    _cells(loc5, n, q, m, 0, half_size, limit, one, frac, cell)
-                else:
-                    _cells_from_offsets(loc5, base, n, q, m, 0, half_size, limit, one, frac, cell)
-                for d in range(2 * D):
-                    acc[d] = 0
-                for j in range(K):
-                    w0 = cell[2 * j]
-                    h0 = cell[2 * j + 1]
-                    H = heights[j]
-                    W = widths[j]
-                    if h0 < -1 or w0 < -1 or h0 >= H or w0 >= W:
-                        continue
-                    lw = frac[2 * j]
-                    lh = frac[2 * j + 1]
-                    a = attn4[n, q, m, j]
-                    c1 = a * (one - lh) * (one - lw)
-                    c2 = a * (one - lh) * lw
-                    c3 = a * lh * (one - lw)
-                    c4 = a * lh * lw
-                    r1 = offsets[j] + h0 * W + w0
-                    r3 = r1 + W
-                    # Even and odd points accumulate separately: two independent FMA chains through the stack.
-                    o = (j % 2) * D
-                    if h0 >= 0 and w0 >= 0 and h0 < H - 1 and w0 < W - 1:
-                        for d in range(D):
-                            acc[o + d] += (
-                                c1 * value[n, r1, m, d]
-                                + c2 * value[n, r1 + 1, m, d]
-                                + c3 * value[n, r3, m, d]
-                                + c4 * value[n, r3 + 1, m, d]
-                            )
-                        continue
-                    top, bottom, left, right = h0 >= 0, h0 < H - 1, w0 >= 0, w0 < W - 1
-                    if top and left:
-                        for d in range(D):
-                            acc[o + d] += c1 * value[n, r1, m, d]
-                    if top and right:
-                        for d in range(D):
-                            acc[o + d] += c2 * value[n, r1 + 1, m, d]
-                    if bottom and left:
-                        for d in range(D):
-                            acc[o + d] += c3 * value[n, r3, m, d]
-                    if bottom and right:
-                        for d in range(D):
-                            acc[o + d] += c4 * value[n, r3 + 1, m, d]
-                for d in range(D):
-                    out[n, q, m, d] = acc[d] + acc[D + d]
+# Head sizes the forward kernel is compiled for as constants (see _make_forward_kernel); other sizes take the generic
+# kernel. 32 is Deformable DETR's, DINO's and Mask2Former's (256 channels, 8 heads).
+SPECIALISED_CHANNELS = (16, 32, 64)
 
+
+def _make_forward_kernel(channels):
+    """The forward kernel for heads of `channels` channels, or for any head size if None.
+
+    With the head size a compile-time constant (numba freezes closure variables), LLVM unrolls the channel loops and
+    keeps the head's accumulator in registers instead of a stack buffer: one accumulator then beats the generic
+    kernel's two interleaved ones. detr-encoder forward kernel 70 -> 51 ms (every gather in L1: 41 -> 25 ms)."""
+
+    @numba.njit(**_JIT)
+    def forward_kernel(value, shapes, starts, loc, ref, attn, order, out, qblock):
+        """out[n, q, m, :] = sum over (l, p) of attn * bilinear(value[n, m] at level l, loc); queries are visited
+        in blocks of `qblock` in `order` (see query_order). With reference points `ref` (None: `loc` holds
+        locations), `loc` holds offsets (see `_cells_from_offsets`). Numba compiles the two cases apart: the unused
+        branch is pruned."""
+        N, _, M, D = value.shape
+        if channels is not None:
+            D = channels
+        Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
+        K = L * P
+        t = value.dtype.type
+        one = t(1)
+        loc5 = loc.reshape(N, Q, M, 1, 2 * K)
+        attn4 = attn.reshape(N, Q, M, K)
+        nqb = (Q + qblock - 1) // qblock
+        for task in numba.prange(N * nqb):
+            n = task // nqb
+            q_begin = (task % nqb) * qblock
+            acc = _stack_buffer(value.dtype)
+            frac = _stack_buffer(value.dtype)
+            cell = _stack_buffer(np.int32)
+            half_size = _stack_buffer(value.dtype)
+            limit = _stack_buffer(value.dtype)
+            base = _stack_buffer(value.dtype)
+            heights = _stack_buffer(np.int64)
+            widths = _stack_buffer(np.int64)
+            offsets = _stack_buffer(np.int64)
+            for j in range(K):
+                lvl = j // P
+                heights[j] = shapes[lvl, 0]
+                widths[j] = shapes[lvl, 1]
+                offsets[j] = starts[lvl]
+                limit[2 * j] = t(widths[j])
+                limit[2 * j + 1] = t(heights[j])
+                half_size[2 * j] = limit[2 * j] / (one + one)
+                half_size[2 * j + 1] = limit[2 * j + 1] / (one + one)
+            for i in range(q_begin, min(Q, q_begin + qblock)):
+                q = order[n, i]
+                if ref is not None:
+                    _reference_base(ref, n, q, 0, L, P, base)
+                for m in range(M):
+                    if ref is None:
+                        _cells(loc5, n, q, m, 0, half_size, limit, one, frac, cell)
+                    else:
+                        _cells_from_offsets(loc5, base, n, q, m, 0, half_size, limit, one, frac, cell)
+                    for d in range(2 * D if channels is None else D):
+                        acc[d] = 0
+                    for j in range(K):
+                        w0 = cell[2 * j]
+                        h0 = cell[2 * j + 1]
+                        H = heights[j]
+                        W = widths[j]
+                        if h0 < -1 or w0 < -1 or h0 >= H or w0 >= W:
+                            continue
+                        lw = frac[2 * j]
+                        lh = frac[2 * j + 1]
+                        a = attn4[n, q, m, j]
+                        c1 = a * (one - lh) * (one - lw)
+                        c2 = a * (one - lh) * lw
+                        c3 = a * lh * (one - lw)
+                        c4 = a * lh * lw
+                        r1 = offsets[j] + h0 * W + w0
+                        r3 = r1 + W
+                        # Generic: even and odd points accumulate separately (two independent FMA chains through the
+                        # stack); specialised, one accumulator in registers.
+                        o = (j % 2) * D if channels is None else 0
+                        if h0 >= 0 and w0 >= 0 and h0 < H - 1 and w0 < W - 1:
+                            for d in range(D):
+                                acc[o + d] += (
+                                    c1 * value[n, r1, m, d]
+                                    + c2 * value[n, r1 + 1, m, d]
+                                    + c3 * value[n, r3, m, d]
+                                    + c4 * value[n, r3 + 1, m, d]
+                                )
+                            continue
+                        top, bottom, left, right = h0 >= 0, h0 < H - 1, w0 >= 0, w0 < W - 1
+                        if top and left:
+                            for d in range(D):
+                                acc[o + d] += c1 * value[n, r1, m, d]
+                        if top and right:
+                            for d in range(D):
+                                acc[o + d] += c2 * value[n, r1 + 1, m, d]
+                        if bottom and left:
+                            for d in range(D):
+                                acc[o + d] += c3 * value[n, r3, m, d]
+                        if bottom and right:
+                            for d in range(D):
+                                acc[o + d] += c4 * value[n, r3 + 1, m, d]
+                    for d in range(D):
+                        out[n, q, m, d] = acc[d] + acc[D + d] if channels is None else acc[d]
+
+    return forward_kernel
+
+
+FORWARD_KERNELS = {channels: _make_forward_kernel(channels) for channels in (None, *SPECIALISED_CHANNELS)}
 
 # Forward tasks are handed out a few blocks at a time instead of one contiguous share per thread, so that when another
 # process takes a core (a data loader, say) the other thread picks up the slack. With a CPU-bound process beside it,
@@ -280,10 +301,11 @@ FORWARD_CHUNK = 4
 
 
 def forward(value, shapes, starts, loc, ref, attn, order, out, qblock=64):
-    """forward_kernel with FORWARD_CHUNK-sized dynamic scheduling."""
+    """The forward kernel for value's head size, with FORWARD_CHUNK-sized dynamic scheduling."""
+    kernel = FORWARD_KERNELS.get(value.shape[3], FORWARD_KERNELS[None])
     previous = numba.set_parallel_chunksize(FORWARD_CHUNK)
     try:
-        forward_kernel(value, shapes, starts, loc, ref, attn, order, out, qblock)
+        kernel(value, shapes, starts, loc, ref, attn, order, out, qblock)
     finally:
         numba.set_parallel_chunksize(previous)
 

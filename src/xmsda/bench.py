@@ -274,12 +274,13 @@ def _read_status(field: str) -> int:
     raise KeyError(field)
 
 
-def _memory_child(preset_name: str, variant: str, phase: str, dtype_name: str, threads: int) -> None:
+def _memory_child(preset_name: str, heads: int, head_dim: int, variant: str, phase: str, dtype_name: str, threads: int):
     """Subprocess entry: print the resident-memory growth (bytes) of one phase run once."""
     set_threads(threads)
     dtype = getattr(torch, dtype_name)
     _time(_phase_runner(PRESETS["tiny"], variant, phase, dtype))  # load kernels, initialise lazy state
-    runner = _phase_runner(PRESETS[preset_name], variant, phase, dtype)
+    preset = dataclasses.replace(PRESETS[preset_name], heads=heads, head_dim=head_dim)
+    runner = _phase_runner(preset, variant, phase, dtype)
     baseline = _read_status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
@@ -288,7 +289,8 @@ def _memory_child(preset_name: str, variant: str, phase: str, dtype_name: str, t
 
 
 def measure_memory(preset: Preset, variant: str, phase: str, dtype, threads: int) -> int | None:
-    cmd = [sys.executable, "-m", "xmsda.bench", preset.name, variant, phase, str(dtype).split(".")[-1], str(threads)]
+    cmd = [sys.executable, "-m", "xmsda.bench", preset.name, str(preset.heads), str(preset.head_dim)]
+    cmd += [variant, phase, str(dtype).split(".")[-1], str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         print(f"memory probe {variant}/{phase} failed: {proc.stderr.strip()[-500:]}", file=sys.stderr)
@@ -308,8 +310,9 @@ def profile_op(preset: Preset, dtype=torch.float32, repeat: int = 5) -> dict[str
     grad_out = torch.randn(N, Q, M, D, dtype=dtype)
     gv, gl, ga = torch.zeros_like(value), torch.empty_like(loc), torch.empty_like(attn)
     order = cpu.query_order(loc.numpy(), ss.numpy(), None)
-    # Ablations: queries in the order they come (row-major for the encoder presets) instead of the Z-order; and every
-    # point at one location, so that every gather hits L1 and the kernels' instructions alone are timed.
+    # Ablations: queries in the order they come (row-major for the encoder presets) instead of the Z-order; every
+    # point at one location, so that every gather hits L1 and the kernels' instructions alone are timed; and the
+    # forward kernel that is not compiled for the head size (the same kernel unless D is in SPECIALISED_CHANNELS).
     given_order = np.tile(np.arange(Q), (N, 1))
     args_l1 = (*args[:3], torch.full_like(loc, 0.5).numpy(), *args[4:])
     backward_op = torch.ops.xmsda.ms_deform_attn_backward
@@ -327,6 +330,7 @@ def profile_op(preset: Preset, dtype=torch.float32, repeat: int = 5) -> dict[str
         "  forward kernel": lambda: cpu.forward(*args, order, out.numpy()),
         "  forward kernel, queries in given order": lambda: cpu.forward(*args, given_order, out.numpy()),
         "  forward kernel, all gathers in L1": lambda: cpu.forward(*args_l1, order, out.numpy()),
+        "  forward kernel, generic head size": lambda: cpu.forward(*args, order, out.numpy(), generic=True),
         "backward op (xmsda.ms_deform_attn_backward)": lambda: backward_op(
             grad_out.view(N, Q, -1), value, ss, lsi, loc, attn
         ),
@@ -532,4 +536,5 @@ def format_report(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    _memory_child(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+    name, heads, head_dim, variant, phase, dtype_name, threads = sys.argv[1:8]
+    _memory_child(name, int(heads), int(head_dim), variant, phase, dtype_name, int(threads))

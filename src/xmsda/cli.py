@@ -1,8 +1,9 @@
-"""`xmsda` command line: `xmsda bench [--preset NAME] [--threads T] [--json FILE]`."""
+"""`xmsda` command line: `xmsda bench [--preset NAME] [--head-dim D] [--threads T] [--json FILE]`."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -19,9 +20,19 @@ def _bench(args) -> int:
         if unknown:
             print(f"xmsda bench: error: {name}: unknown {unknown}; choose from {list(known)}", file=sys.stderr)
             return 2
+    preset = PRESETS[args.preset]
+    if args.head_dim is not None:
+        channels = preset.heads * preset.head_dim
+        if args.head_dim < 1 or channels % args.head_dim:
+            print(
+                f"xmsda bench: error: --head-dim {args.head_dim} must divide the preset's {channels} channels",
+                file=sys.stderr,
+            )
+            return 2
+        preset = dataclasses.replace(preset, heads=channels // args.head_dim, head_dim=args.head_dim)
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if not args.quiet else (lambda *a: None)
     result = run_benchmark(
-        PRESETS[args.preset],
+        preset,
         threads=args.threads,
         repeat=args.repeat,
         variants=variants,
@@ -55,6 +66,12 @@ def main(argv=None) -> int:
     bench.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
     bench.add_argument("--repeat", type=int, default=5, help="timed runs per variant and phase (median reported)")
     bench.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"], default="float32")
+    bench.add_argument(
+        "--head-dim",
+        type=int,
+        default=None,
+        help="channels per head D, with the preset's channel count (heads = channels / D; default: the preset's)",
+    )
     bench.add_argument("--variants", default="xmsda,grid_sample,gather", help="comma-separated subset")
     bench.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")

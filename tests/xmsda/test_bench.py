@@ -28,6 +28,19 @@ def test_bench_cli_reports_every_variant_phase_and_the_free_core(tmp_path, capsy
     assert "free-core" in out and "xmsda-unfused" in out and "vs grid_sample" in out and "GFLOP/s" in out
 
 
+def test_bench_head_dim_keeps_the_channels_and_times_the_generic_forward_kernel(tmp_path, capsys):
+    # tiny has 2 heads of 16 channels; 32-channel heads: one of SPECIALISED_CHANNELS, so the generic kernel differs
+    report = tmp_path / "bench.json"
+    argv = ["bench", "--preset", "tiny", "--head-dim", "32", "--phases", "forward", "--variants", "xmsda,grid_sample"]
+    assert main([*argv, "--repeat", "1", "--quiet", "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert (result["preset"]["heads"], result["preset"]["head_dim"]) == (1, 32)
+    assert result["phases"]["forward"]["xmsda"]["peak_bytes"] is not None  # the memory probe ran that shape too
+    assert result["profile"]["op_pieces_s"]["  forward kernel, generic head size"] > 0
+    assert main(["bench", "--preset", "tiny", "--head-dim", "5"]) == 2
+    assert "--head-dim 5 must divide the preset's 32 channels" in capsys.readouterr().err
+
+
 def test_bench_cli_rejects_unknown_variants(capsys):
     assert main(["bench", "--preset", "tiny", "--variants", "xmsda,cuda"]) == 2
     assert "unknown ['cuda']" in capsys.readouterr().err

@@ -185,8 +185,10 @@ def query_order(loc, shapes, ref):
 
 
 # Head sizes the forward kernel is compiled for as constants (see _make_forward_kernel); other sizes take the generic
-# kernel. 32 is Deformable DETR's, DINO's and Mask2Former's (256 channels, 8 heads).
-SPECIALISED_CHANNELS = (16, 32, 64)
+# kernel. 32 is Deformable DETR's, DINO's and Mask2Former's (256 channels, 8 heads). Measured on detr-encoder's
+# shapes with 256 channels (float32, generic -> specialised): 32 channels 71-80 -> 55 ms, 64 channels 46 -> 33 ms;
+# 128 channels gained less than 10%, and 16 channels lost (113 -> 165-181 ms), so those stay generic.
+SPECIALISED_CHANNELS = (32, 64)
 
 
 def _make_forward_kernel(channels):
@@ -194,7 +196,8 @@ def _make_forward_kernel(channels):
 
     With the head size a compile-time constant (numba freezes closure variables), LLVM unrolls the channel loops and
     keeps the head's accumulator in registers instead of a stack buffer: one accumulator then beats the generic
-    kernel's two interleaved ones. detr-encoder forward kernel 71.8 -> 49.8 ms (every gather in L1: 44.6 -> 25.0 ms)."""
+    kernel's two interleaved ones (for heads of 32 channels or more; see SPECIALISED_CHANNELS). detr-encoder forward
+    kernel 71.8 -> 49.8 ms (every gather in L1: 44.6 -> 25.0 ms)."""
 
     @numba.njit(**_JIT)
     def forward_kernel(value, shapes, starts, loc, ref, attn, order, out, qblock):
@@ -300,9 +303,10 @@ FORWARD_KERNELS = {channels: _make_forward_kernel(channels) for channels in (Non
 FORWARD_CHUNK = 4
 
 
-def forward(value, shapes, starts, loc, ref, attn, order, out, qblock=64):
-    """The forward kernel for value's head size, with FORWARD_CHUNK-sized dynamic scheduling."""
-    kernel = FORWARD_KERNELS.get(value.shape[3], FORWARD_KERNELS[None])
+def forward(value, shapes, starts, loc, ref, attn, order, out, qblock=64, generic=False):
+    """The forward kernel for value's head size (the generic one if `generic`: for comparison), with
+    FORWARD_CHUNK-sized dynamic scheduling."""
+    kernel = FORWARD_KERNELS[None] if generic else FORWARD_KERNELS.get(value.shape[3], FORWARD_KERNELS[None])
     previous = numba.set_parallel_chunksize(FORWARD_CHUNK)
     try:
         kernel(value, shapes, starts, loc, ref, attn, order, out, qblock)

@@ -35,7 +35,7 @@ def test_bench_head_dim_keeps_the_channels_and_times_the_generic_forward_kernel(
     assert main([*argv, "--repeat", "1", "--quiet", "--json", str(report)]) == 0
     result = json.loads(report.read_text())
     assert (result["preset"]["heads"], result["preset"]["head_dim"]) == (1, 32)
-    assert result["phases"]["forward"]["xmsda"]["peak_bytes"] is not None  # the memory probe ran that shape too
+    assert result["phases"]["forward"]["xmsda"]["peak_bytes"] is not None  # the memory child takes the head size too
     assert result["profile"]["op_pieces_s"]["  forward kernel, generic head size"] > 0
     assert main(["bench", "--preset", "tiny", "--head-dim", "5"]) == 2
     assert "--head-dim 5 must divide the preset's 32 channels" in capsys.readouterr().err

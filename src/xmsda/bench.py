@@ -416,6 +416,29 @@ def roofline(preset: Preset, seconds: dict[str, float], dtype=torch.float32) -> 
     }
 
 
+# Allocators a process may have preloaded (LD_PRELOAD), as PyTorch's CPU tuning guide and `torch.backends.xeon.run_cpu`
+# suggest: they keep freed memory for reuse where glibc's malloc returns blocks over its mmap threshold to the OS.
+_PRELOADED_ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")
+
+
+def memory_allocator(maps_path: str = "/proc/self/maps") -> str:
+    """The C allocator this process runs on: a preloaded one, found among the mapped libraries, else glibc's malloc
+    with any MALLOC_* settings from the environment. It decides much of grid_sample's time: glibc gives each freed
+    buffer over its mmap threshold back to the OS, so a reference step that allocates gigabytes pays a page fault per
+    4 KiB of them on every call, which a caching allocator does not."""
+    try:
+        with open(maps_path) as f:
+            libraries = {line.split()[-1] for line in f if "/" in line}
+    except OSError:
+        libraries = set()
+    for name in _PRELOADED_ALLOCATORS:
+        found = sorted(lib for lib in libraries if f"lib{name}" in os.path.basename(lib))
+        if found:
+            return f"{name} ({os.path.basename(found[0])})"
+    settings = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES")
+    return "glibc malloc" + (f" ({', '.join(settings)})" if settings else " (default settings)")
+
+
 def machine_limits(threads: int) -> dict[str, float]:
     """Measured streaming bandwidth (bytes/s) and float32 matmul throughput (flop/s) with `threads` threads."""
     x = torch.empty(64 * 2**20 // 4).normal_()
@@ -452,6 +475,7 @@ def run_benchmark(
             "torch": torch.__version__,
             "numba": numba.__version__,
             "numba_threading_layer": None,
+            "allocator": memory_allocator(),
         },
         "phases": {},
     }
@@ -491,6 +515,7 @@ def format_report(result: dict) -> str:
         f"L={len(p['shapes'])} P={p['points']} levels={p['shapes']}",
         f"dtype {result['dtype']}, {result['threads']} threads, median of {result['repeat']} runs "
         f"(numba threading layer {result['machine']['numba_threading_layer']})",
+        f"memory allocator {result['machine']['allocator']}",
         "",
         f"{'phase':<14} {'variant':<13} {'median':>10} {'vs grid_sample':>15} {'peak memory':>12}",
     ]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -26,6 +29,7 @@ def test_bench_cli_reports_every_variant_phase_and_the_free_core(tmp_path, capsy
     assert result["profile"]["train_step_top_ops"]
     out = capsys.readouterr().out
     assert "free-core" in out and "xmsda-unfused" in out and "vs grid_sample" in out and "GFLOP/s" in out
+    assert result["machine"]["allocator"] in out
 
 
 def test_bench_head_dim_keeps_the_channels_and_times_the_generic_forward_kernel(tmp_path, capsys):
@@ -66,3 +70,22 @@ def test_train_step_computes_the_gradients_of_the_inputs_too():
 def test_memory_probe_measures_a_phase_in_a_subprocess():
     peak = bench.measure_memory(bench.PRESETS["tiny"], "grid_sample", "forward", torch.float32, threads=1)
     assert peak is not None and peak >= 0
+
+
+def test_bench_names_the_memory_allocator(tmp_path):
+    # glibc's malloc, with the settings that change it: a real process with a real environment
+    probe = [sys.executable, "-c", "from xmsda.bench import memory_allocator; print(memory_allocator())"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+    assert subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.strip() == (
+        "glibc malloc (default settings)"
+    )
+    tuned = subprocess.run(probe, env=env | {"MALLOC_ARENA_MAX": "2"}, capture_output=True, text=True, check=True)
+    assert tuned.stdout.strip() == "glibc malloc (MALLOC_ARENA_MAX=2)"
+    # a preloaded allocator is found among the mapped libraries (lines as /proc/<pid>/maps writes them)
+    maps = tmp_path / "maps"
+    maps.write_text(
+        "7f00a0000000-7f00a0021000 r-xp 00000000 fd:01 1234 /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4.5.10\n"
+        "7f00b0000000-7f00b0200000 r-xp 00000000 fd:01 5678 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+        "7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]\n"
+    )
+    assert bench.memory_allocator(str(maps)) == "tcmalloc (libtcmalloc_minimal.so.4.5.10)"

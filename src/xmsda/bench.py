@@ -14,6 +14,8 @@ sampling core (with the location arithmetic) costs nothing: the part no op can r
 xmsda module with the locations computed in torch: what fusing them saves.
 Times are medians over `repeat` runs after one warm-up, all variants in one process, interleaved (in a rotating order)
 so that load from other processes hits them alike.
+The report names the C allocator the process runs on (`memory_allocator`): under glibc's default malloc the reference
+pays page faults for its gigabytes of intermediates on every call, under a caching allocator (tcmalloc) it does not.
 
 Peak memory: each (variant, phase) runs once more in a fresh subprocess that builds the inputs, warms up on a tiny
 problem, reads its resident set size (VmRSS), resets the kernel's high-water mark (`/proc/self/clear_refs`), runs the

@@ -75,7 +75,9 @@ def test_memory_probe_measures_a_phase_in_a_subprocess():
 def test_bench_names_the_memory_allocator(tmp_path):
     # glibc's malloc, with the settings that change it: a real process with a real environment
     probe = [sys.executable, "-c", "from xmsda.bench import memory_allocator; print(memory_allocator())"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("LD_PRELOAD", "GLIBC_TUNABLES")
+    }
     assert subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.strip() == (
         "glibc malloc (default settings)"
     )

@@ -423,6 +423,12 @@ def roofline(preset: Preset, seconds: dict[str, float], dtype=torch.float32) -> 
 _PRELOADED_ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")
 
 
+GLIBC_NOTE = (
+    "  (under glibc's malloc grid_sample and gather fault their large intermediates in again on every call; for a\n"
+    "  tuned baseline preload a caching allocator, e.g. LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4)"
+)
+
+
 def memory_allocator(maps_path: str = "/proc/self/maps") -> str:
     """The C allocator this process runs on: a preloaded one, found among the mapped libraries, else glibc's malloc
     with any MALLOC_* settings from the environment. It decides much of grid_sample's time: glibc gives each freed
@@ -518,6 +524,10 @@ def format_report(result: dict) -> str:
         f"dtype {result['dtype']}, {result['threads']} threads, median of {result['repeat']} runs "
         f"(numba threading layer {result['machine']['numba_threading_layer']})",
         f"memory allocator {result['machine']['allocator']}",
+    ]
+    if result["machine"]["allocator"].startswith("glibc"):
+        lines.append(GLIBC_NOTE)
+    lines += [
         "",
         f"{'phase':<14} {'variant':<13} {'median':>10} {'vs grid_sample':>15} {'peak memory':>12}",
     ]

@@ -30,6 +30,7 @@ def test_bench_cli_reports_every_variant_phase_and_the_free_core(tmp_path, capsy
     out = capsys.readouterr().out
     assert "free-core" in out and "xmsda-unfused" in out and "vs grid_sample" in out and "GFLOP/s" in out
     assert result["machine"]["allocator"] in out
+    assert (bench.GLIBC_NOTE in out) == result["machine"]["allocator"].startswith("glibc")
 
 
 def test_bench_head_dim_keeps_the_channels_and_times_the_generic_forward_kernel(tmp_path, capsys):

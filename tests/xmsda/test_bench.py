@@ -29,8 +29,8 @@ def test_bench_cli_reports_every_variant_phase_and_the_free_core(tmp_path, capsy
     assert result["profile"]["train_step_top_ops"]
     out = capsys.readouterr().out
     assert "free-core" in out and "xmsda-unfused" in out and "vs grid_sample" in out and "GFLOP/s" in out
-    assert result["machine"]["allocator"] in out
-    assert (bench.GLIBC_NOTE in out) == result["machine"]["allocator"].startswith("glibc")
+    assert result["machine"]["allocator"] in out and result["machine"]["tensor_pages"] in out
+    assert (bench.GLIBC_NOTE in out) == bench.faults_every_call(result["machine"])
 
 
 def test_bench_head_dim_keeps_the_channels_and_times_the_generic_forward_kernel(tmp_path, capsys):
@@ -92,3 +92,40 @@ def test_bench_names_the_memory_allocator(tmp_path):
         "7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]\n"
     )
     assert bench.memory_allocator(str(maps)) == "tcmalloc (libtcmalloc_minimal.so.4.5.10)"
+
+
+def test_bench_says_whether_torch_tensors_get_huge_pages(tmp_path, monkeypatch):
+    thp = tmp_path / "enabled"
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    for mode, flag, huge in [
+        ("madvise", None, False),
+        ("madvise", "1", True),
+        ("madvise", "true", False),  # torch reads only "0" and "1"
+        ("always", None, True),
+        ("never", "1", False),
+    ]:
+        thp.write_text(" ".join(f"[{m}]" if m == mode else m for m in ("always", "madvise", "never")) + "\n")
+        if flag is None:
+            monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+        else:
+            monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", flag)
+        on, text = bench.tensor_pages(str(thp))
+        assert on == huge, (mode, flag)
+        assert text == (
+            f"torch tensors on {'huge' if huge else '4 KiB'} pages "
+            f"(kernel THP {mode}, THP_MEM_ALLOC_ENABLE={'unset' if flag is None else flag})"
+        )
+    missing = bench.tensor_pages(str(tmp_path / "missing"))[1]
+    assert missing.startswith("torch tensors on 4 KiB pages (kernel THP unavailable")
+
+
+def test_the_page_fault_hint_names_only_setups_that_fault_every_call():
+    def faults(allocator, huge=False):
+        return bench.faults_every_call({"allocator": allocator, "tensors_on_huge_pages": huge})
+
+    assert faults("glibc malloc (default settings)")
+    assert faults("glibc malloc (MALLOC_ARENA_MAX=2)")  # a setting that leaves the mmap threshold alone
+    assert not faults("glibc malloc (default settings)", huge=True)
+    assert not faults("glibc malloc (MALLOC_MMAP_THRESHOLD_=1000000000)")
+    assert not faults("glibc malloc (GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1000000000)")
+    assert not faults("tcmalloc (libtcmalloc_minimal.so.4.5.10)")

@@ -1,4 +1,5 @@
-"""`xmsda` command line: `xmsda bench [--preset NAME] [--head-dim D] [--threads T] [--json FILE]`."""
+"""`xmsda` command line: `xmsda bench [--preset NAME] [--head-dim D] [--threads T] [--json FILE]` (the op and its
+module) and `xmsda bench-model [--model NAME] [--image HxW] [--batch B] [--json FILE]` (a whole Deformable DETR)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,43 @@ def _bench(args) -> int:
     return 0
 
 
+def _bench_model(args) -> int:
+    from .model_bench import MODEL_PHASES, MODELS, format_model_report, run_model_benchmark
+
+    phases = tuple(args.phases.split(","))
+    unknown = [p for p in phases if p not in MODEL_PHASES]
+    if unknown:
+        print(
+            f"xmsda bench-model: error: --phases: unknown {unknown}; choose from {list(MODEL_PHASES)}", file=sys.stderr
+        )
+        return 2
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if not args.quiet else None
+    result = run_model_benchmark(
+        MODELS[args.model],
+        image=args.image,
+        batch=args.batch,
+        threads=args.threads,
+        repeat=args.repeat,
+        phases=phases,
+        log=log,
+    )
+    print(format_model_report(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 800x1333, got {text!r}") from None
+    if h < 32 or w < 32:
+        raise argparse.ArgumentTypeError(f"the image must be at least 32x32 (the backbone's stride), got {text!r}")
+    return h, w
+
+
 def main(argv=None) -> int:
     from .bench import PHASES, PRESETS
 
@@ -77,12 +115,26 @@ def main(argv=None) -> int:
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     bench.add_argument("--no-profile", action="store_true", help="skip the profile and roofline estimate")
     bench.add_argument("--quiet", action="store_true", help="no per-run progress on stderr")
+    model = sub.add_parser(
+        "bench-model",
+        help="time a whole Hugging Face Deformable DETR with transformers' attention and with xmsda's switch",
+    )
+    model.add_argument("--model", choices=["deformable-detr", "tiny"], default="deformable-detr")
+    model.add_argument("--image", type=_image_size, default=None, help="HxW (default: the model's, 800x1333)")
+    model.add_argument("--batch", type=int, default=1)
+    model.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    model.add_argument("--repeat", type=int, default=3, help="timed runs per variant and phase (median reported)")
+    model.add_argument("--phases", default="inference,train_step", help="comma-separated subset")
+    model.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
+    model.add_argument("--quiet", action="store_true", help="no per-run progress on stderr")
     args = parser.parse_args(argv)
+    if args.command == "bench-model" and args.batch < 1:
+        parser.error("--batch must be at least 1")
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
-    return _bench(args)
+    return _bench(args) if args.command == "bench" else _bench_model(args)
 
 
 if __name__ == "__main__":

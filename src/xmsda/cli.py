@@ -9,6 +9,15 @@ import json
 import sys
 
 
+def _report(text: str, result: dict, json_path: str | None) -> int:
+    """Print a benchmark's report and, with --json, write its full results."""
+    print(text)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
 def _bench(args) -> int:
     import torch
 
@@ -43,11 +52,7 @@ def _bench(args) -> int:
         profile=not args.no_profile,
         log=log,
     )
-    print(format_report(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0
+    return _report(format_report(result), result, args.json)
 
 
 def _bench_model(args) -> int:
@@ -70,11 +75,7 @@ def _bench_model(args) -> int:
         phases=phases,
         log=log,
     )
-    print(format_model_report(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0
+    return _report(format_model_report(result), result, args.json)
 
 
 def _image_size(text: str) -> tuple[int, int]:
@@ -89,6 +90,7 @@ def _image_size(text: str) -> tuple[int, int]:
 
 def main(argv=None) -> int:
     from .bench import PHASES, PRESETS
+    from .model_bench import MODELS
 
     parser = argparse.ArgumentParser(prog="xmsda", description="Fast multi-scale deformable attention.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,7 +121,7 @@ def main(argv=None) -> int:
         "bench-model",
         help="time a whole Hugging Face Deformable DETR with transformers' attention and with xmsda's switch",
     )
-    model.add_argument("--model", choices=["deformable-detr", "tiny"], default="deformable-detr")
+    model.add_argument("--model", choices=sorted(MODELS), default="deformable-detr")
     model.add_argument("--image", type=_image_size, default=None, help="HxW (default: the model's, 800x1333)")
     model.add_argument("--batch", type=int, default=1)
     model.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")

@@ -120,6 +120,7 @@ class _Variant:
         self.core = core
         self.pixels = pixels
         self.grads: tuple[torch.Tensor, ...] = ()  # of the two outputs, for the training step
+        # a tiny step: the weights barely move over the runs, so every variant keeps timing the same model
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-9)
 
     def _outputs(self):
@@ -161,6 +162,13 @@ def run_model_benchmark(
     phases=MODEL_PHASES,
     log: Callable[[str], None] | None = print,
 ) -> dict:
+    import xmsda.integrations.transformers as xt
+
+    if xt.enabled():
+        raise RuntimeError(
+            "xmsda's transformers switch is on, so the 'transformers' variant would run xmsda too: call "
+            "xmsda.integrations.transformers.disable() before benchmarking"
+        )
     threads = set_threads(threads)
     image = image or spec.image
     g = torch.Generator().manual_seed(0)

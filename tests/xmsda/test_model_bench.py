@@ -8,7 +8,7 @@ import pytest
 
 from xmsda.cli import main
 from xmsda.integrations import transformers as xt
-from xmsda.model_bench import MODEL_PHASES, MODEL_VARIANTS, MODELS, _Variant, build_model
+from xmsda.model_bench import MODEL_PHASES, MODEL_VARIANTS, MODELS, _Variant, build_model, run_model_benchmark
 
 
 def test_bench_model_times_both_variants_and_compares_their_outputs(tmp_path, capsys):
@@ -26,7 +26,7 @@ def test_bench_model_times_both_variants_and_compares_their_outputs(tmp_path, ca
             assert e["speedup_vs_transformers"] == entry["transformers"]["median_s"] / e["median_s"]
     out = capsys.readouterr().out
     assert "largest difference between the variants' outputs" in out and "vs transformers" in out
-    assert result["machine"]["allocator"] in out and not xt._originals  # the switch is off again
+    assert result["machine"]["allocator"] in out and not xt.enabled()  # the switch is off again
 
 
 def test_each_variant_runs_its_own_attention_core_and_trains_the_same_parameters():
@@ -69,3 +69,12 @@ def test_bench_model_rejects_bad_arguments(capsys):
         with pytest.raises(SystemExit):
             main(["bench-model", "--image", image])
         assert "--image" in capsys.readouterr().err
+
+
+def test_bench_model_refuses_to_run_with_the_switch_already_on():
+    xt.enable()
+    try:
+        with pytest.raises(RuntimeError, match="switch is on"):
+            run_model_benchmark(MODELS["tiny"], repeat=1, log=None)
+    finally:
+        xt.disable()

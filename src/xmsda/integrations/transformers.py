@@ -16,7 +16,7 @@ import importlib
 
 from ..ops import ms_deform_attn
 
-__all__ = ["MODELS", "disable", "enable"]
+__all__ = ["MODELS", "disable", "enable", "enabled"]
 
 # transformers.models.<name>.modeling_<name> modules that define MultiScaleDeformableAttention.
 MODELS = (
@@ -75,3 +75,8 @@ def disable() -> None:
     while _originals:
         cls, forward = _originals.popitem()
         cls.forward = forward
+
+
+def enabled() -> bool:
+    """Whether `enable` has switched any class (and `disable` has not restored it yet)."""
+    return bool(_originals)

@@ -474,6 +474,12 @@ def tensor_pages(thp_path: str = "/sys/kernel/mm/transparent_hugepage/enabled") 
     return huge, f"torch tensors on {'huge' if huge else '4 KiB'} pages ({settings})"
 
 
+def memory_setup() -> dict:
+    """The report's memory fields: the allocator and whether torch's tensors are on huge pages (see above)."""
+    on_huge_pages, pages = tensor_pages()
+    return {"allocator": memory_allocator(), "tensor_pages": pages, "tensors_on_huge_pages": on_huge_pages}
+
+
 def machine_limits(threads: int) -> dict[str, float]:
     """Measured streaming bandwidth (bytes/s) and float32 matmul throughput (flop/s) with `threads` threads."""
     x = torch.empty(64 * 2**20 // 4).normal_()
@@ -498,7 +504,6 @@ def run_benchmark(
     log=print,
 ) -> dict:
     threads = set_threads(threads)
-    on_huge_pages, pages = tensor_pages()
     result = {
         "preset": dataclasses.asdict(preset)
         | {"shapes": preset.shapes, "S": preset.positions, "Q": preset.num_queries},
@@ -511,10 +516,8 @@ def run_benchmark(
             "torch": torch.__version__,
             "numba": numba.__version__,
             "numba_threading_layer": None,
-            "allocator": memory_allocator(),
-            "tensor_pages": pages,
-            "tensors_on_huge_pages": on_huge_pages,
-        },
+        }
+        | memory_setup(),
         "phases": {},
     }
     for phase in phases:

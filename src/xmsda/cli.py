@@ -18,6 +18,14 @@ def _report(text: str, result: dict, json_path: str | None) -> int:
     return 0
 
 
+def _all_known(command: str, option: str, chosen, known) -> bool:
+    """Whether every comma-separated choice of `option` is known; else say which are not, on stderr."""
+    unknown = [c for c in chosen if c not in known]
+    if unknown:
+        print(f"xmsda {command}: error: {option}: unknown {unknown}; choose from {list(known)}", file=sys.stderr)
+    return not unknown
+
+
 def _bench(args) -> int:
     import torch
 
@@ -25,11 +33,8 @@ def _bench(args) -> int:
 
     variants = tuple(args.variants.split(","))
     phases = tuple(args.phases.split(","))
-    for name, chosen, known in (("--variants", variants, VARIANTS), ("--phases", phases, PHASES)):
-        unknown = [c for c in chosen if c not in known]
-        if unknown:
-            print(f"xmsda bench: error: {name}: unknown {unknown}; choose from {list(known)}", file=sys.stderr)
-            return 2
+    if not (_all_known("bench", "--variants", variants, VARIANTS) and _all_known("bench", "--phases", phases, PHASES)):
+        return 2
     preset = PRESETS[args.preset]
     if args.head_dim is not None:
         channels = preset.heads * preset.head_dim
@@ -59,11 +64,7 @@ def _bench_model(args) -> int:
     from .model_bench import MODEL_PHASES, MODELS, format_model_report, run_model_benchmark
 
     phases = tuple(args.phases.split(","))
-    unknown = [p for p in phases if p not in MODEL_PHASES]
-    if unknown:
-        print(
-            f"xmsda bench-model: error: --phases: unknown {unknown}; choose from {list(MODEL_PHASES)}", file=sys.stderr
-        )
+    if not _all_known("bench-model", "--phases", phases, MODEL_PHASES):
         return 2
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if not args.quiet else None
     result = run_model_benchmark(

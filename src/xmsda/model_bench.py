@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from .bench import FREE_CORE, _FreeCore, _interleaved_times, memory_allocator, set_threads, tensor_pages
+from .bench import FREE_CORE, _FreeCore, _interleaved_times, memory_setup, set_threads
 
 __all__ = ["MODELS", "MODEL_PHASES", "format_model_report", "run_model_benchmark"]
 
@@ -180,18 +180,13 @@ def run_model_benchmark(
     for variant in variants.values():
         variant.grads = grads
     difference = max((a - b).abs().max().item() for a, b in zip(first["xmsda"], first["transformers"], strict=True))
-    on_huge_pages, pages = tensor_pages()
     result = {
         "model": dataclasses.asdict(spec),
         "image": list(image),
         "batch": batch,
         "threads": threads,
         "repeat": repeat,
-        "machine": {
-            "allocator": memory_allocator(),
-            "tensor_pages": pages,
-            "tensors_on_huge_pages": on_huge_pages,
-        },
+        "machine": memory_setup(),
         "max_output_difference": difference,
         "phases": {},
     }

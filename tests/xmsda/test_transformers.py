@@ -1,4 +1,4 @@
-"""The one-line switch for Hugging Face transformers' Deformable DETR."""
+"""The one-line switch for Hugging Face transformers' deformable-attention models."""
 
 from __future__ import annotations
 
@@ -38,40 +38,135 @@ def tiny_model():
     return DeformableDetrModel(config).double().eval()
 
 
-def run(model, pixels):
+def run(model, pixels, outputs=("last_hidden_state", "encoder_last_hidden_state"), **inputs):
+    """The named outputs and every parameter's gradient of the sum of their squares."""
     model.zero_grad()
-    out = model(pixel_values=pixels)
-    loss = out.last_hidden_state.square().sum() + out.encoder_last_hidden_state.square().sum()
-    loss.backward()
+    out = model(pixel_values=pixels, **inputs)
+    tensors = [out[name] for name in outputs]
+    sum(t.square().sum() for t in tensors).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.last_hidden_state.detach(), out.encoder_last_hidden_state.detach(), grads
+    return [t.detach() for t in tensors], grads
+
+
+def tiny_backbone():
+    from transformers import ResNetConfig
+
+    return ResNetConfig(
+        num_channels=3,
+        embedding_size=8,
+        hidden_sizes=[8, 16, 16, 16],
+        depths=[1, 1, 1, 1],
+        layer_type="basic",
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+
+
+def tiny_mask2former():
+    from transformers import Mask2FormerConfig, Mask2FormerModel
+
+    torch.manual_seed(0)
+    config = Mask2FormerConfig(
+        backbone_config=tiny_backbone(),
+        use_pretrained_backbone=False,
+        feature_size=32,
+        mask_feature_size=32,
+        hidden_dim=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        num_attention_heads=2,
+        encoder_feedforward_dim=32,
+        dim_feedforward=32,
+        num_queries=5,
+    )
+    return Mask2FormerModel(config).double().eval()
+
+
+def tiny_oneformer():
+    from transformers import OneFormerConfig, OneFormerModel
+
+    torch.manual_seed(0)
+    config = OneFormerConfig(
+        backbone_config=tiny_backbone(),
+        use_pretrained_backbone=False,
+        conv_dim=32,
+        mask_dim=32,
+        hidden_dim=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        num_attention_heads=2,
+        encoder_feedforward_dim=32,
+        dim_feedforward=32,
+        num_queries=5,
+        text_encoder_width=32,
+        text_encoder_num_layers=1,
+        text_encoder_context_length=8,
+        task_seq_len=8,
+        max_seq_len=8,
+        text_encoder_vocab_size=50,
+        text_encoder_proj_layers=1,
+        text_encoder_n_ctx=2,
+    )
+    return OneFormerModel(config).double().eval()
+
+
+def assert_switch_keeps_outputs_and_gradients(monkeypatch, model, site, calls_expected, **run_args):
+    """`model` gives the same outputs and parameter gradients with the switch on, where the op runs
+    `calls_expected` times, and its attention `site` (owner, attribute) is switched, then restored."""
+    import xmsda.integrations.transformers as xt
+
+    pixels = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    outputs, grads = run(model, pixels, **run_args)
+    owner, attribute = site
+    original = getattr(owner, attribute)
+    calls = []
+    op = torch.ops.xmsda.ms_deform_attn.default
+    try:
+        assert owner in xt.enable()
+        assert getattr(owner, attribute) is not original and xt.enabled()
+        monkeypatch.setattr("xmsda.integrations.transformers.ms_deform_attn", lambda *a: calls.append(1) or op(*a))
+        outputs_x, grads_x = run(model, pixels, **run_args)
+    finally:
+        xt.disable()
+    assert len(calls) == calls_expected
+    assert getattr(owner, attribute) is original and not xt.enabled()
+    for got, expected in zip(outputs_x, outputs, strict=True):
+        torch.testing.assert_close(got, expected)
+    assert grads_x.keys() == grads.keys() and grads
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_x[name], g, msg=name)
 
 
 def test_switch_gives_the_same_outputs_and_gradients(monkeypatch):
     from transformers.models.deformable_detr import modeling_deformable_detr as mdd
 
+    # one encoder layer, two decoder layers
+    site = (mdd.MultiScaleDeformableAttention, "forward")
+    assert_switch_keeps_outputs_and_gradients(monkeypatch, tiny_model(), site, 3)
+
+
+def test_switch_covers_mask2formers_pixel_decoder(monkeypatch):
+    from transformers.models.mask2former import modeling_mask2former as m2f
+
+    outputs = ("pixel_decoder_last_hidden_state", "transformer_decoder_last_hidden_state")
+    site = (m2f, "multi_scale_deformable_attention")
+    assert_switch_keeps_outputs_and_gradients(monkeypatch, tiny_mask2former(), site, 2, outputs=outputs)
+
+
+def test_switch_covers_oneformers_pixel_decoder(monkeypatch):
+    from transformers.models.oneformer import modeling_oneformer as of
+
+    outputs = ("transformer_decoder_object_queries", "transformer_decoder_mask_predictions", "task_token")
+    task = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(2))
+    site = (of, "multi_scale_deformable_attention")
+    assert_switch_keeps_outputs_and_gradients(monkeypatch, tiny_oneformer(), site, 2, outputs=outputs, task_inputs=task)
+
+
+def test_switch_covers_every_model_that_shares_the_attention():
     import xmsda.integrations.transformers as xt
 
-    model = tiny_model()
-    pixels = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    dec, enc, grads = run(model, pixels)
-
-    calls = []
-    op = torch.ops.xmsda.ms_deform_attn.default
-    try:
-        switched = xt.enable()
-        assert mdd.MultiScaleDeformableAttention in switched
-        monkeypatch.setattr("xmsda.integrations.transformers.ms_deform_attn", lambda *a: calls.append(1) or op(*a))
-        dec_x, enc_x, grads_x = run(model, pixels)
-    finally:
-        xt.disable()
-    assert len(calls) == 3  # one encoder layer, two decoder layers
-    assert mdd.MultiScaleDeformableAttention.forward is not xt._xmsda_forward
-    torch.testing.assert_close(dec_x, dec)
-    torch.testing.assert_close(enc_x, enc)
-    assert grads_x.keys() == grads.keys()
-    for name, g in grads.items():
-        torch.testing.assert_close(grads_x[name], g, msg=name)
+    sites = xt.attention_sites()
+    assert len(sites) == len(xt.MODELS)  # this transformers has every model listed
+    assert sum(attribute == "forward" for _, attribute in sites) == len(xt.LAYER_MODELS)
 
 
 def test_switch_works_under_cpu_autocast():

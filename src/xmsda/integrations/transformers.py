@@ -2,24 +2,33 @@
 
     import xmsda.integrations.transformers as xt; xt.enable()
 
-Deformable DETR and the models that copy its attention (Grounding DINO, MM Grounding DINO, OmDet-Turbo, RT-DETR,
-RF-DETR, LW-DETR, PP-DocLayout v2-v4) compute it in a `MultiScaleDeformableAttention` layer: the layer that
-transformers' hub-kernel mechanism (`use_kernel_forward_from_hub("MultiScaleDeformableAttention")`) also swaps. Its
-forward takes (value, spatial shapes, their list, level start index, locations, weights, im2col_step) and has no
-parameters, so `enable` replaces that forward on each model's class: existing and future instances switch, weights
-and state dicts are untouched. `disable` restores the originals.
+transformers computes multi-scale deformable attention in two kinds of place, and `enable` switches both:
+
+- A `MultiScaleDeformableAttention` layer, in Deformable DETR and the models that copy its attention (Grounding DINO,
+  MM Grounding DINO, OmDet-Turbo, RT-DETR, RF-DETR, LW-DETR, PP-DocLayout v2-v4): the layer that transformers'
+  hub-kernel mechanism (`use_kernel_forward_from_hub("MultiScaleDeformableAttention")`) also swaps. Its forward takes
+  (value, spatial shapes, their list, level start index, locations, weights, im2col_step) and has no parameters, so
+  `enable` replaces that forward on each model's class.
+- A module-level function `multi_scale_deformable_attention(value, spatial_shapes_list, locations, weights)`, which
+  the pixel decoders of Mask2Former and OneFormer call by its global name: `enable` replaces it in their modules.
+
+Existing and future instances switch, weights and state dicts are untouched; `disable` restores the originals. (RT-DETR
+v2, D-FINE and DEIMv2 run a different attention, with per-level point counts and a discrete sampling mode, which the op
+does not compute: they keep their own.)
 """
 
 from __future__ import annotations
 
 import importlib
 
+import torch
+
 from ..ops import ms_deform_attn
 
-__all__ = ["MODELS", "disable", "enable", "enabled"]
+__all__ = ["FUNCTION_MODELS", "LAYER_MODELS", "MODELS", "attention_sites", "disable", "enable", "enabled"]
 
-# transformers.models.<name>.modeling_<name> modules that define MultiScaleDeformableAttention.
-MODELS = (
+# transformers.models.<name>.modeling_<name> modules that define a MultiScaleDeformableAttention layer
+LAYER_MODELS = (
     "deformable_detr",
     "grounding_dino",
     "mm_grounding_dino",
@@ -31,8 +40,14 @@ MODELS = (
     "pp_doclayout_v3",
     "pp_doclayout_v4",
 )
+# ... and those that define the function multi_scale_deformable_attention
+FUNCTION_MODELS = ("mask2former", "oneformer")
+MODELS = LAYER_MODELS + FUNCTION_MODELS
 
-_originals: dict[type, object] = {}
+LAYER = "MultiScaleDeformableAttention"
+FUNCTION = "multi_scale_deformable_attention"
+
+_originals: dict[tuple[object, str], object] = {}
 
 
 def _xmsda_forward(
@@ -48,35 +63,49 @@ def _xmsda_forward(
     return ms_deform_attn(value, value_spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
-def _layer_classes(models):
+def _xmsda_function(value, value_spatial_shapes, sampling_locations, attention_weights):
+    # the callers pass the shapes as a list of (H, W); the op takes them, and each level's start, as tensors
+    shapes = torch.as_tensor(value_spatial_shapes, dtype=torch.int64, device=value.device).reshape(-1, 2)
+    sizes = shapes[:, 0] * shapes[:, 1]
+    level_start_index = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    return ms_deform_attn(value, shapes, level_start_index, sampling_locations, attention_weights)
+
+
+def attention_sites(models=MODELS) -> list[tuple[object, str]]:
+    """Where the listed models compute the attention, as (owner, attribute) pairs: (layer class, "forward") or (module,
+    FUNCTION). Models this transformers lacks are left out."""
+    sites = []
     for name in models:
         try:
             module = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
         except ImportError:
             continue
-        cls = getattr(module, "MultiScaleDeformableAttention", None)
-        if cls is not None:
-            yield cls
+        layer = getattr(module, LAYER, None)
+        if isinstance(layer, type):
+            sites.append((layer, "forward"))
+        elif callable(getattr(module, FUNCTION, None)):
+            sites.append((module, FUNCTION))
+    return sites
 
 
-def enable(models=MODELS) -> list[type]:
-    """Route the listed models' MultiScaleDeformableAttention through xmsda. Returns the classes switched."""
+def enable(models=MODELS) -> list[object]:
+    """Route the listed models' deformable attention through xmsda. Returns the layer classes and modules switched."""
     switched = []
-    for cls in _layer_classes(models):
-        if cls not in _originals:
-            _originals[cls] = cls.forward
-            cls.forward = _xmsda_forward
-        switched.append(cls)
+    for owner, attribute in attention_sites(models):
+        if (owner, attribute) not in _originals:
+            _originals[owner, attribute] = getattr(owner, attribute)
+            setattr(owner, attribute, _xmsda_forward if attribute == "forward" else _xmsda_function)
+        switched.append(owner)
     return switched
 
 
 def disable() -> None:
-    """Restore transformers' own forward everywhere `enable` replaced it."""
+    """Restore transformers' own attention everywhere `enable` replaced it."""
     while _originals:
-        cls, forward = _originals.popitem()
-        cls.forward = forward
+        (owner, attribute), original = _originals.popitem()
+        setattr(owner, attribute, original)
 
 
 def enabled() -> bool:
-    """Whether `enable` has switched any class (and `disable` has not restored it yet)."""
+    """Whether `enable` has switched anything (and `disable` has not restored it yet)."""
     return bool(_originals)

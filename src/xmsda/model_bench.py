@@ -1,17 +1,23 @@
-"""`xmsda bench-model`: a whole Hugging Face Deformable DETR, with transformers' own attention and with the switch.
+"""`xmsda bench-model`: a whole Hugging Face model, with transformers' own attention and with the switch.
 
 `xmsda bench` times the op and one `MSDeformAttn` module; users meet them inside a model, next to a backbone,
-feed-forward layers and a decoder that the op does not touch. This benchmark runs `DeformableDetrModel` (randomly
-initialised from its config: nothing is downloaded) on one image size, in one process and interleaved, with
-`MultiScaleDeformableAttention` as transformers computes it (its grid_sample formulation, the same as
-`xmsda.reference`), with `xmsda.integrations.transformers.enable()`, and with an attention core that costs nothing
-(`free-core`, as in `xmsda bench`: zeros forward, zero gradients back, so every layer around it still runs): the
-time no attention kernel can remove, the highest ratio any kernel could reach. Phases:
+feed-forward layers and a decoder that the op does not touch. This benchmark runs a transformers model (randomly
+initialised from its config: nothing is downloaded) on one image size, in one process and interleaved, with the
+deformable attention as transformers computes it (its grid_sample formulation, the same as `xmsda.reference`), with
+`xmsda.integrations.transformers.enable()`, and with an attention core that costs nothing (`free-core`, as in
+`xmsda bench`: zeros forward, zero gradients back, so every layer around it still runs): the time no attention
+kernel can remove, the highest ratio any kernel could reach. The models (`MODELS`):
+
+  deformable-detr  `DeformableDetrModel` as in the paper (ResNet-50; attention in its encoder and decoder)
+  mask2former      `Mask2FormerModel` as in the paper with ResNet-50 (attention in its pixel decoder)
+  tiny, tiny-mask2former  small ones of each, for smoke tests
+
+Phases:
 
   inference   the model's forward under `torch.no_grad`, in eval mode
-  train_step  forward with autograd, backward from fixed gradients of the decoder's and the encoder's outputs to the
-              parameters (the backbone's last three stages included, as Deformable DETR trains them), and an SGD
-              step; in eval mode, so that dropout does not differ between the variants
+  train_step  forward with autograd, backward from fixed gradients of two of the model's outputs to the parameters
+              (the backbone's trainable ones as each paper trains them), and an SGD step; in eval mode, so that
+              dropout does not differ between the variants
 
 Both variants start from the same weights and the same image, and the report gives the largest difference between
 their outputs next to their times, so a run that times a broken switch says so.
@@ -20,6 +26,7 @@ their outputs next to their times, so a run that times a broken switch says so.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import statistics
 from collections.abc import Callable
 
@@ -38,15 +45,31 @@ class ModelSpec:
     name: str
     description: str
     image: tuple[int, int]  # default (H, W)
+    family: str = "deformable-detr"  # a key of FAMILIES
     d_model: int = 256
-    layers: int = 6  # encoder and decoder layers each
+    encoder_layers: int = 6
+    decoder_layers: int = 6  # in transformers' count (Mask2Former's runs one fewer)
     heads: int = 8
-    ffn: int = 1024
+    encoder_ffn: int = 1024
+    decoder_ffn: int = 1024
     queries: int = 300
     backbone_widths: tuple[int, ...] = (256, 512, 1024, 2048)
     backbone_depths: tuple[int, ...] = (3, 4, 6, 3)
     backbone_stem: int = 64
 
+
+_TINY = dict(
+    d_model=32,
+    encoder_layers=1,
+    decoder_layers=2,
+    heads=2,
+    encoder_ffn=32,
+    decoder_ffn=32,
+    queries=12,
+    backbone_widths=(8, 16, 16, 16),
+    backbone_depths=(1, 1, 1, 1),
+    backbone_stem=8,
+)
 
 MODELS = {
     m.name: m
@@ -57,65 +80,123 @@ MODELS = {
             (800, 1333),
         ),
         ModelSpec(
-            "tiny",
-            "a small smoke-test model",
-            (64, 96),
-            d_model=32,
-            layers=1,
-            heads=2,
-            ffn=32,
-            queries=12,
-            backbone_widths=(8, 16, 16, 16),
-            backbone_depths=(1, 1, 1, 1),
-            backbone_stem=8,
+            "mask2former",
+            "Mask2Former as in the paper with ResNet-50: a pixel decoder of 6 deformable-attention layers over 3 "
+            "levels (256 channels), 9 masked-attention decoder layers, 100 queries",
+            (800, 1333),
+            family="mask2former",
+            decoder_layers=10,
+            decoder_ffn=2048,
+            queries=100,
         ),
+        ModelSpec("tiny", "a small Deformable DETR for smoke tests", (64, 96), **_TINY),
+        ModelSpec("tiny-mask2former", "a small Mask2Former for smoke tests", (64, 96), family="mask2former", **_TINY),
     )
 }
 
 
-def build_model(spec: ModelSpec, seed: int = 0):
-    """`DeformableDetrModel` of `spec` with random weights (a ResNet backbone from transformers' own config). The
-    backbone trains as in Deformable DETR: its last three stages, not the stem and first stage (transformers freezes
-    a ResNetConfig backbone entirely, because it looks for timm's parameter names)."""
-    from transformers import DeformableDetrConfig, DeformableDetrModel, ResNetConfig
+def _resnet(spec: ModelSpec, stages):
+    from transformers import ResNetConfig
 
-    backbone = ResNetConfig(
+    return ResNetConfig(
         num_channels=3,
         embedding_size=spec.backbone_stem,
         hidden_sizes=list(spec.backbone_widths),
         depths=list(spec.backbone_depths),
         layer_type="bottleneck",
-        out_features=["stage2", "stage3", "stage4"],
+        out_features=[f"stage{s}" for s in stages],
     )
+
+
+def _build_deformable_detr(spec: ModelSpec):
+    """`DeformableDetrModel`. The backbone trains as in Deformable DETR: its last three stages, not the stem and first
+    stage (transformers freezes a ResNetConfig backbone entirely, because it looks for timm's parameter names)."""
+    from transformers import DeformableDetrConfig, DeformableDetrModel
+
     config = DeformableDetrConfig(
-        backbone_config=backbone,
+        backbone_config=_resnet(spec, (2, 3, 4)),
         use_pretrained_backbone=False,
         d_model=spec.d_model,
-        encoder_layers=spec.layers,
-        decoder_layers=spec.layers,
+        encoder_layers=spec.encoder_layers,
+        decoder_layers=spec.decoder_layers,
         encoder_attention_heads=spec.heads,
         decoder_attention_heads=spec.heads,
-        encoder_ffn_dim=spec.ffn,
-        decoder_ffn_dim=spec.ffn,
+        encoder_ffn_dim=spec.encoder_ffn,
+        decoder_ffn_dim=spec.decoder_ffn,
         num_queries=spec.queries,
         num_feature_levels=4,
     )
-    torch.manual_seed(seed)
-    model = DeformableDetrModel(config).eval()
+    model = DeformableDetrModel(config)
     for name, parameter in model.backbone.named_parameters():
         parameter.requires_grad_(any(f"stages.{stage}." in name for stage in (1, 2, 3)))
     return model
+
+
+def _build_mask2former(spec: ModelSpec):
+    """`Mask2FormerModel`; the whole backbone trains, as in Mask2Former (at a tenth of the learning rate there)."""
+    from transformers import Mask2FormerConfig, Mask2FormerModel
+
+    # transformers warns that it supports only Swin backbones here; the paper's ResNet-50 models load and run, and the
+    # report's output difference shows that both variants compute the same
+    config_log = logging.getLogger("transformers.models.mask2former.configuration_mask2former")
+    level = config_log.level
+    config_log.setLevel(logging.ERROR)
+    try:
+        config = Mask2FormerConfig(
+            backbone_config=_resnet(spec, (1, 2, 3, 4)),
+            use_pretrained_backbone=False,
+            feature_size=spec.d_model,
+            mask_feature_size=spec.d_model,
+            hidden_dim=spec.d_model,
+            encoder_layers=spec.encoder_layers,
+            decoder_layers=spec.decoder_layers,
+            num_attention_heads=spec.heads,
+            encoder_feedforward_dim=spec.encoder_ffn,
+            dim_feedforward=spec.decoder_ffn,
+            num_queries=spec.queries,
+        )
+    finally:
+        config_log.setLevel(level)
+    return Mask2FormerModel(config)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    build: Callable[[ModelSpec], torch.nn.Module]
+    transformers_model: str  # the transformers.models module whose attention the variants swap
+    outputs: tuple[str, str]  # the outputs compared, and given gradients in the training step
+
+
+FAMILIES = {
+    "deformable-detr": Family(
+        _build_deformable_detr, "deformable_detr", ("last_hidden_state", "encoder_last_hidden_state")
+    ),
+    "mask2former": Family(
+        _build_mask2former, "mask2former", ("transformer_decoder_last_hidden_state", "pixel_decoder_last_hidden_state")
+    ),
+}
+
+
+def build_model(spec: ModelSpec, seed: int = 0):
+    """The model of `spec` with random weights (a ResNet backbone from transformers' own config), in eval mode."""
+    torch.manual_seed(seed)
+    return FAMILIES[spec.family].build(spec).eval()
 
 
 def _free_core_forward(self, value, shapes, shapes_list, level_start_index, locations, weights, im2col_step):
     return _FreeCore.apply(value, locations, weights)
 
 
+def _free_core_function(value, shapes_list, locations, weights):
+    return _FreeCore.apply(value, locations, weights)
+
+
 class _Variant:
-    """One variant's model and phase runners. `core` is the variant: which forward transformers'
-    MultiScaleDeformableAttention runs while this variant runs."""
+    """One variant's model and phase runners. `core` is the variant: what the model's attention site (the layer's
+    forward or the module's attention function) runs while this variant runs."""
 
     def __init__(self, spec: ModelSpec, core: str, pixels: torch.Tensor):
+        self.family = FAMILIES[spec.family]
         self.model = build_model(spec)
         self.core = core
         self.pixels = pixels
@@ -125,19 +206,17 @@ class _Variant:
 
     def _outputs(self):
         out = self.model(pixel_values=self.pixels)
-        return out.last_hidden_state, out.encoder_last_hidden_state
+        return tuple(out[name] for name in self.family.outputs)
 
     def run(self, phase: str):
-        from transformers.models.deformable_detr import modeling_deformable_detr as mdd
-
         import xmsda.integrations.transformers as xt
 
-        layer = mdd.MultiScaleDeformableAttention
-        own_forward = layer.forward
+        ((owner, attribute),) = xt.attention_sites([self.family.transformers_model])
+        own = getattr(owner, attribute)
         if self.core == "xmsda":
             xt.enable()
         elif self.core == FREE_CORE:
-            layer.forward = _free_core_forward
+            setattr(owner, attribute, _free_core_forward if attribute == "forward" else _free_core_function)
         try:
             if phase == "inference":
                 with torch.no_grad():
@@ -150,7 +229,7 @@ class _Variant:
         finally:
             if self.core == "xmsda":
                 xt.disable()
-            layer.forward = own_forward
+            setattr(owner, attribute, own)
 
 
 def run_model_benchmark(

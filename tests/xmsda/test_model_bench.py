@@ -1,4 +1,4 @@
-"""`xmsda bench-model` on the tiny model: both variants timed in both phases, their outputs compared."""
+"""`xmsda bench-model` on the tiny models: every variant timed in both phases, their outputs compared."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from xmsda.bench import FREE_CORE
 from xmsda.cli import main
 from xmsda.integrations import transformers as xt
 from xmsda.model_bench import MODEL_PHASES, MODEL_VARIANTS, MODELS, _Variant, build_model, run_model_benchmark
@@ -29,25 +30,35 @@ def test_bench_model_times_both_variants_and_compares_their_outputs(tmp_path, ca
     assert result["machine"]["allocator"] in out and not xt.enabled()  # the switch is off again
 
 
-def test_each_variant_runs_its_own_attention_core_and_trains_the_same_parameters():
+@pytest.mark.parametrize("name", ["tiny", "tiny-mask2former"])
+def test_each_variant_runs_its_own_attention_core_and_trains_the_same_parameters(name):
     import torch
 
     pixels = torch.randn(1, 3, 64, 96)
+    trained_sets = []
     for core in MODEL_VARIANTS:
-        variant = _Variant(MODELS["tiny"], core, pixels)
+        variant = _Variant(MODELS[name], core, pixels)
         variant.grads = tuple(torch.ones_like(o) for o in variant.run("inference"))
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             variant.run("train_step")
         ops = {e.key for e in prof.key_averages()}
         assert ("xmsda::ms_deform_attn" in ops) == (core == "xmsda")
         assert ("aten::grid_sampler_2d" in ops) == (core == "transformers")
-        # the step trains the transformer and the backbone's last three stages, as Deformable DETR does
-        trained = {n for n, p in variant.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-        assert any(n.startswith("encoder.") for n in trained) and any(n.startswith("decoder.") for n in trained)
-        backbone = [n for n, _ in variant.model.backbone.named_parameters()]
-        assert {n for n in backbone if f"backbone.{n}" in trained} == {
-            n for n in backbone if any(f"stages.{s}." in n for s in (1, 2, 3))
-        }
+        trained_sets.append(
+            {n for n, p in variant.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        )
+        trained = trained_sets[-1]
+        prefix = "backbone." if name == "tiny" else "pixel_level_module.encoder."
+        backbone = [n for n, _ in variant.model.named_parameters() if n.startswith(prefix)]
+        trained_backbone = {n for n in backbone if n in trained}
+        if name == "tiny":  # Deformable DETR trains the backbone's last three stages
+            assert any(n.startswith("encoder.") for n in trained) and any(n.startswith("decoder.") for n in trained)
+            assert trained_backbone == {n for n in backbone if any(f"stages.{s}." in n for s in (1, 2, 3))}
+        else:  # Mask2Former the whole backbone
+            assert backbone and trained_backbone == set(backbone)
+        if core != FREE_CORE:  # whose zero gradients stop at the attention's input layers
+            assert any(".self_attn.value_proj." in n for n in trained)
+    assert trained_sets[0] == trained_sets[1]  # xmsda trains the same parameters as transformers
 
 
 def test_the_default_model_is_deformable_detr_with_a_resnet50_backbone():
@@ -60,6 +71,17 @@ def test_the_default_model_is_deformable_detr_with_a_resnet50_backbone():
     assert any(p.requires_grad for p in backbone.values()) and not any(
         p.requires_grad for n, p in backbone.items() if "embedder" in n or "stages.0." in n
     )
+
+
+def test_the_mask2former_model_is_the_papers_resnet50_one():
+    model = build_model(MODELS["mask2former"])
+    config = model.config
+    assert (config.feature_size, config.encoder_layers, config.num_queries) == (256, 6, 100)
+    assert len(model.transformer_module.decoder.layers) == 9  # transformers counts 10
+    assert config.backbone_config.depths == [3, 4, 6, 3] and config.backbone_config.layer_type == "bottleneck"
+    assert 43e6 < sum(p.numel() for p in model.parameters()) < 45e6  # the paper's 44M parameters
+    attention = model.pixel_level_module.decoder.encoder.layers[0].self_attn
+    assert (attention.n_levels, attention.n_heads, attention.n_points) == (3, 8, 4)
 
 
 def test_bench_model_rejects_bad_arguments(capsys):

@@ -131,6 +131,38 @@ def test_backward_is_deterministic_across_runs_and_thread_counts(torch_threads):
     assert_same_across_thread_counts(torch_threads, lambda: grads(op, *inputs))
 
 
+def test_backward_gives_the_same_gradients_however_its_tasks_are_sliced(torch_threads):
+    # One image and one level: the backward cuts its single task in two on 2 threads, not on 1.
+    inputs = make_inputs(N=1, shapes=((20, 30),), Q=300, M=8, D=32, P=4, dtype=torch.float32)
+    assert [cpu_kernels.backward_slices(1, 1, 8, t) for t in (1, 2)] == [1, 2]
+    assert_same_across_thread_counts(torch_threads, lambda: grads(op, *inputs))
+    # every slice count, on the kernel itself (3 does not divide the 8 heads)
+    value, ss, lsi, loc, attn = (t.numpy() for t in inputs)
+    order = cpu_kernels.query_order(loc, ss, None)
+    grad_out = torch.randn(1, 300, 8, 32, generator=torch.Generator().manual_seed(1)).numpy()
+    results = []
+    for slices in (1, 2, 3, 4, 8):
+        gradients = (torch.zeros(value.shape), torch.empty(loc.shape), torch.empty(attn.shape))
+        cpu_kernels.backward_kernel(
+            value, ss, lsi, loc, None, attn, order, grad_out, *(g.numpy() for g in gradients), slices
+        )
+        results.append(gradients)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_backward_slices_its_tasks_only_where_threads_would_idle():
+    slices = cpu_kernels.backward_slices
+    # 2 threads: one (batch, level) task is cut in two, two or more are left whole
+    assert [slices(1, levels, 8, 2) for levels in (1, 2, 3, 4)] == [2, 1, 1, 1]
+    assert slices(2, 4, 8, 2) == 1
+    # more threads than tasks: cut, so that the extra threads get work
+    assert slices(2, 4, 8, 16) == 2 and slices(1, 4, 8, 16) == 4
+    # never more slices than heads
+    assert slices(1, 1, 1, 16) == 1 and slices(1, 1, 2, 16) == 2
+
+
 def test_kernels_run_on_torchs_thread_count(torch_threads, monkeypatch):
     import numba
 

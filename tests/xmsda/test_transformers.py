@@ -48,10 +48,11 @@ def run(model, pixels, outputs=("last_hidden_state", "encoder_last_hidden_state"
     return [t.detach() for t in tensors], grads
 
 
-def tiny_backbone():
+def tiny_pixel_decoder_config():
+    """Config arguments Mask2Former and OneFormer share: a small ResNet and a two-layer pixel decoder and decoder."""
     from transformers import ResNetConfig
 
-    return ResNetConfig(
+    backbone = ResNetConfig(
         num_channels=3,
         embedding_size=8,
         hidden_sizes=[8, 16, 16, 16],
@@ -59,17 +60,9 @@ def tiny_backbone():
         layer_type="basic",
         out_features=["stage1", "stage2", "stage3", "stage4"],
     )
-
-
-def tiny_mask2former():
-    from transformers import Mask2FormerConfig, Mask2FormerModel
-
-    torch.manual_seed(0)
-    config = Mask2FormerConfig(
-        backbone_config=tiny_backbone(),
+    return dict(
+        backbone_config=backbone,
         use_pretrained_backbone=False,
-        feature_size=32,
-        mask_feature_size=32,
         hidden_dim=32,
         encoder_layers=2,
         decoder_layers=2,
@@ -78,6 +71,13 @@ def tiny_mask2former():
         dim_feedforward=32,
         num_queries=5,
     )
+
+
+def tiny_mask2former():
+    from transformers import Mask2FormerConfig, Mask2FormerModel
+
+    torch.manual_seed(0)
+    config = Mask2FormerConfig(feature_size=32, mask_feature_size=32, **tiny_pixel_decoder_config())
     return Mask2FormerModel(config).double().eval()
 
 
@@ -85,18 +85,7 @@ def tiny_oneformer():
     from transformers import OneFormerConfig, OneFormerModel
 
     torch.manual_seed(0)
-    config = OneFormerConfig(
-        backbone_config=tiny_backbone(),
-        use_pretrained_backbone=False,
-        conv_dim=32,
-        mask_dim=32,
-        hidden_dim=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        num_attention_heads=2,
-        encoder_feedforward_dim=32,
-        dim_feedforward=32,
-        num_queries=5,
+    text_encoder = dict(
         text_encoder_width=32,
         text_encoder_num_layers=1,
         text_encoder_context_length=8,
@@ -106,6 +95,7 @@ def tiny_oneformer():
         text_encoder_proj_layers=1,
         text_encoder_n_ctx=2,
     )
+    config = OneFormerConfig(conv_dim=32, mask_dim=32, **text_encoder, **tiny_pixel_decoder_config())
     return OneFormerModel(config).double().eval()
 
 

@@ -10,7 +10,8 @@ kernel can remove, the highest ratio any kernel could reach. The models (`MODELS
 
   deformable-detr  `DeformableDetrModel` as in the paper (ResNet-50; attention in its encoder and decoder)
   mask2former      `Mask2FormerModel` as in the paper with ResNet-50 (attention in its pixel decoder)
-  tiny, tiny-mask2former  small ones of each, for smoke tests
+  rt-detr          `RTDetrModel` as in the paper with ResNet-50-vd (attention in its decoder only)
+  tiny, tiny-mask2former, tiny-rt-detr  small ones of each, for smoke tests
 
 Phases:
 
@@ -89,8 +90,17 @@ MODELS = {
             decoder_ffn=2048,
             queries=100,
         ),
+        ModelSpec(
+            "rt-detr",
+            "RT-DETR as in the paper with ResNet-50-vd: 3 levels, a one-layer encoder on the coarsest, 6 decoder "
+            "layers of 256 channels, 300 queries, at its 640x640 input",
+            (640, 640),
+            family="rt-detr",
+            encoder_layers=1,
+        ),
         ModelSpec("tiny", "a small Deformable DETR for smoke tests", (64, 96), **_TINY),
         ModelSpec("tiny-mask2former", "a small Mask2Former for smoke tests", (64, 96), family="mask2former", **_TINY),
+        ModelSpec("tiny-rt-detr", "a small RT-DETR for smoke tests", (64, 96), family="rt-detr", **_TINY),
     )
 }
 
@@ -160,6 +170,37 @@ def _build_mask2former(spec: ModelSpec):
     return Mask2FormerModel(config)
 
 
+def _build_rt_detr(spec: ModelSpec):
+    """`RTDetrModel` with its ResNet-vd backbone (RTDetrResNetConfig); the whole backbone trains, as in RT-DETR (with
+    its batch norms frozen, transformers' default)."""
+    from transformers import RTDetrConfig, RTDetrModel, RTDetrResNetConfig
+
+    backbone = RTDetrResNetConfig(
+        num_channels=3,
+        embedding_size=spec.backbone_stem,
+        hidden_sizes=list(spec.backbone_widths),
+        depths=list(spec.backbone_depths),
+        layer_type="bottleneck",
+        out_features=["stage2", "stage3", "stage4"],
+    )
+    config = RTDetrConfig(
+        backbone_config=backbone,
+        use_pretrained_backbone=False,
+        encoder_in_channels=list(spec.backbone_widths[1:]),
+        encoder_hidden_dim=spec.d_model,
+        decoder_in_channels=[spec.d_model] * 3,
+        d_model=spec.d_model,
+        encoder_layers=spec.encoder_layers,
+        decoder_layers=spec.decoder_layers,
+        encoder_attention_heads=spec.heads,
+        decoder_attention_heads=spec.heads,
+        encoder_ffn_dim=spec.encoder_ffn,
+        decoder_ffn_dim=spec.decoder_ffn,
+        num_queries=spec.queries,
+    )
+    return RTDetrModel(config)
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     build: Callable[[ModelSpec], torch.nn.Module]
@@ -174,6 +215,8 @@ FAMILIES = {
     "mask2former": Family(
         _build_mask2former, "mask2former", ("transformer_decoder_last_hidden_state", "pixel_decoder_last_hidden_state")
     ),
+    # the decoder's output, and the encoder's class scores that pick the decoder's queries
+    "rt-detr": Family(_build_rt_detr, "rt_detr", ("last_hidden_state", "enc_outputs_class")),
 }
 
 

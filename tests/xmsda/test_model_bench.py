@@ -30,7 +30,7 @@ def test_bench_model_times_both_variants_and_compares_their_outputs(tmp_path, ca
     assert result["machine"]["allocator"] in out and not xt.enabled()  # the switch is off again
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-mask2former"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-mask2former", "tiny-rt-detr"])
 def test_each_variant_runs_its_own_attention_core_and_trains_the_same_parameters(name):
     import torch
 
@@ -48,16 +48,16 @@ def test_each_variant_runs_its_own_attention_core_and_trains_the_same_parameters
             {n for n, p in variant.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
         )
         trained = trained_sets[-1]
-        prefix = "backbone." if name == "tiny" else "pixel_level_module.encoder."
+        prefix = "pixel_level_module.encoder." if name == "tiny-mask2former" else "backbone."
         backbone = [n for n, _ in variant.model.named_parameters() if n.startswith(prefix)]
         trained_backbone = {n for n in backbone if n in trained}
         if name == "tiny":  # Deformable DETR trains the backbone's last three stages
             assert any(n.startswith("encoder.") for n in trained) and any(n.startswith("decoder.") for n in trained)
             assert trained_backbone == {n for n in backbone if any(f"stages.{s}." in n for s in (1, 2, 3))}
-        else:  # Mask2Former the whole backbone
+        else:  # Mask2Former and RT-DETR the whole backbone
             assert backbone and trained_backbone == set(backbone)
         if core != FREE_CORE:  # whose zero gradients stop at the attention's input layers
-            assert any(".self_attn.value_proj." in n for n in trained)
+            assert any("attn.value_proj." in n for n in trained)
     assert trained_sets[0] == trained_sets[1]  # xmsda trains the same parameters as transformers
 
 
@@ -81,6 +81,16 @@ def test_the_mask2former_model_is_the_papers_resnet50_one():
     assert config.backbone_config.depths == [3, 4, 6, 3] and config.backbone_config.layer_type == "bottleneck"
     assert 43e6 < sum(p.numel() for p in model.parameters()) < 45e6  # the paper's 44M parameters
     attention = model.pixel_level_module.decoder.encoder.layers[0].self_attn
+    assert (attention.n_levels, attention.n_heads, attention.n_points) == (3, 8, 4)
+
+
+def test_the_rt_detr_model_is_the_papers_resnet50_one():
+    model = build_model(MODELS["rt-detr"])
+    config = model.config
+    assert (config.d_model, config.encoder_layers, config.decoder_layers, config.num_queries) == (256, 1, 6, 300)
+    assert config.backbone_config.model_type == "rt_detr_resnet" and config.backbone_config.depths == [3, 4, 6, 3]
+    assert 41e6 < sum(p.numel() for p in model.parameters()) < 43e6  # the paper's 42M parameters
+    attention = model.decoder.layers[0].encoder_attn
     assert (attention.n_levels, attention.n_heads, attention.n_points) == (3, 8, 4)
 
 

@@ -126,7 +126,7 @@ def main(argv=None) -> int:
         description="; ".join(f"{m.name}: {m.description}" for m in MODELS.values()),
     )
     model.add_argument("--model", choices=sorted(MODELS), default="deformable-detr")
-    model.add_argument("--image", type=_image_size, default=None, help="HxW (default: the model's, 800x1333)")
+    model.add_argument("--image", type=_image_size, default=None, help="HxW (default: the model's: 800x1333, RT-DETR 640x640)")
     model.add_argument("--batch", type=int, default=1)
     model.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     model.add_argument("--repeat", type=int, default=3, help="timed runs per variant and phase (median reported)")

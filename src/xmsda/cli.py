@@ -68,15 +68,19 @@ def _bench_model(args) -> int:
     if not _all_known("bench-model", "--phases", phases, MODEL_PHASES):
         return 2
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if not args.quiet else None
-    result = run_model_benchmark(
-        MODELS[args.model],
-        image=args.image,
-        batch=args.batch,
-        threads=args.threads,
-        repeat=args.repeat,
-        phases=phases,
-        log=log,
-    )
+    try:
+        result = run_model_benchmark(
+            MODELS[args.model],
+            image=args.image,
+            batch=args.batch,
+            threads=args.threads,
+            repeat=args.repeat,
+            phases=phases,
+            log=log,
+        )
+    except ValueError as error:  # an image the model cannot take
+        print(f"xmsda bench-model: error: --image: {error}", file=sys.stderr)
+        return 2
     return _report(format_model_report(result), result, args.json)
 
 
@@ -126,7 +130,9 @@ def main(argv=None) -> int:
         description="; ".join(f"{m.name}: {m.description}" for m in MODELS.values()),
     )
     model.add_argument("--model", choices=sorted(MODELS), default="deformable-detr")
-    model.add_argument("--image", type=_image_size, default=None, help="HxW (default: the model's: 800x1333, RT-DETR 640x640)")
+    model.add_argument(
+        "--image", type=_image_size, default=None, help="HxW (default: the model's: 800x1333, RT-DETR 640x640)"
+    )
     model.add_argument("--batch", type=int, default=1)
     model.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     model.add_argument("--repeat", type=int, default=3, help="timed runs per variant and phase (median reported)")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import statistics
 from collections.abc import Callable
 
@@ -206,6 +207,9 @@ class Family:
     build: Callable[[ModelSpec], torch.nn.Module]
     transformers_model: str  # the transformers.models module whose attention the variants swap
     outputs: tuple[str, str]  # the outputs compared, and given gradients in the training step
+    # strides of the levels from whose positions the model picks its queries (top-k), if it does: the image must
+    # have at least as many positions as there are queries
+    picks_queries_at: tuple[int, ...] = ()
 
 
 FAMILIES = {
@@ -216,7 +220,7 @@ FAMILIES = {
         _build_mask2former, "mask2former", ("transformer_decoder_last_hidden_state", "pixel_decoder_last_hidden_state")
     ),
     # the decoder's output, and the encoder's class scores that pick the decoder's queries
-    "rt-detr": Family(_build_rt_detr, "rt_detr", ("last_hidden_state", "enc_outputs_class")),
+    "rt-detr": Family(_build_rt_detr, "rt_detr", ("last_hidden_state", "enc_outputs_class"), (8, 16, 32)),
 }
 
 
@@ -291,8 +295,15 @@ def run_model_benchmark(
             "xmsda's transformers switch is on, so the 'transformers' variant would run xmsda too: call "
             "xmsda.integrations.transformers.disable() before benchmarking"
         )
-    threads = set_threads(threads)
     image = image or spec.image
+    strides = FAMILIES[spec.family].picks_queries_at
+    positions = sum(math.ceil(image[0] / s) * math.ceil(image[1] / s) for s in strides)
+    if strides and positions < spec.queries:
+        raise ValueError(
+            f"a {image[0]}x{image[1]} image gives {spec.name} {positions} positions to pick its {spec.queries} "
+            f"queries from; it needs at least {spec.queries} (its own size is {spec.image[0]}x{spec.image[1]})"
+        )
+    threads = set_threads(threads)
     g = torch.Generator().manual_seed(0)
     pixels = torch.randn(batch, 3, *image, generator=g)
     variants = {v: _Variant(spec, v, pixels) for v in MODEL_VARIANTS}

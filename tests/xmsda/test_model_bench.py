@@ -97,6 +97,10 @@ def test_the_rt_detr_model_is_the_papers_resnet50_one():
 def test_bench_model_rejects_bad_arguments(capsys):
     assert main(["bench-model", "--model", "tiny", "--phases", "inference,export"]) == 2
     assert "unknown ['export']" in capsys.readouterr().err
+    # RT-DETR picks its 300 queries from the positions of three levels: 64x64 has 64 + 16 + 4 (refused before the
+    # model is built)
+    assert main(["bench-model", "--model", "rt-detr", "--image", "64x64"]) == 2
+    assert "gives rt-detr 84 positions to pick its 300 queries from" in capsys.readouterr().err
     for image in ("800", "800x13a", "16x16"):
         with pytest.raises(SystemExit):
             main(["bench-model", "--image", image])

@@ -11,7 +11,8 @@ kernel can remove, the highest ratio any kernel could reach. The models (`MODELS
   deformable-detr  `DeformableDetrModel` as in the paper (ResNet-50; attention in its encoder and decoder)
   mask2former      `Mask2FormerModel` as in the paper with ResNet-50 (attention in its pixel decoder)
   rt-detr          `RTDetrModel` as in the paper with ResNet-50-vd (attention in its decoder only)
-  tiny, tiny-mask2former, tiny-rt-detr  small ones of each, for smoke tests
+  grounding-dino   `GroundingDinoModel`: Grounding DINO-T (Swin-T, BERT-base), with a 12-token prompt
+  tiny-*           small ones of each, for smoke tests
 
 Phases:
 
@@ -55,9 +56,12 @@ class ModelSpec:
     encoder_ffn: int = 1024
     decoder_ffn: int = 1024
     queries: int = 300
+    backbone: str = "resnet"  # a ResNet of the three fields below, or "swin-t" (transformers' Swin-T)
     backbone_widths: tuple[int, ...] = (256, 512, 1024, 2048)
     backbone_depths: tuple[int, ...] = (3, 4, 6, 3)
     backbone_stem: int = 64
+    text_layers: int = 12  # Grounding DINO's BERT text encoder (BERT-base by default)
+    text_width: int = 768
 
 
 _TINY = dict(
@@ -71,6 +75,8 @@ _TINY = dict(
     backbone_widths=(8, 16, 16, 16),
     backbone_depths=(1, 1, 1, 1),
     backbone_stem=8,
+    text_layers=1,
+    text_width=32,
 )
 
 MODELS = {
@@ -99,9 +105,23 @@ MODELS = {
             family="rt-detr",
             encoder_layers=1,
         ),
+        ModelSpec(
+            "grounding-dino",
+            "Grounding DINO-T as in the paper: Swin-T backbone, BERT-base text encoder, 4 levels, 6+6 layers of 256 "
+            "channels, 900 queries, a 12-token prompt",
+            (800, 1333),
+            family="grounding-dino",
+            encoder_ffn=2048,
+            decoder_ffn=2048,
+            queries=900,
+            backbone="swin-t",
+        ),
         ModelSpec("tiny", "a small Deformable DETR for smoke tests", (64, 96), **_TINY),
         ModelSpec("tiny-mask2former", "a small Mask2Former for smoke tests", (64, 96), family="mask2former", **_TINY),
         ModelSpec("tiny-rt-detr", "a small RT-DETR for smoke tests", (64, 96), family="rt-detr", **_TINY),
+        ModelSpec(
+            "tiny-grounding-dino", "a small Grounding DINO for smoke tests", (64, 96), family="grounding-dino", **_TINY
+        ),
     )
 }
 
@@ -202,6 +222,38 @@ def _build_rt_detr(spec: ModelSpec):
     return RTDetrModel(config)
 
 
+def _build_grounding_dino(spec: ModelSpec):
+    """`GroundingDinoModel`, with transformers' Swin-T or a ResNet backbone and a BERT text encoder. Everything trains,
+    as in Grounding DINO (transformers freezes a ResNet backbone, looking for timm's parameter names: unfrozen here)."""
+    from transformers import BertConfig, GroundingDinoConfig, GroundingDinoModel
+
+    backbone = {} if spec.backbone == "swin-t" else {"backbone_config": _resnet(spec, (2, 3, 4))}
+    text = BertConfig(
+        hidden_size=spec.text_width,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=max(1, spec.text_width // 64),
+        intermediate_size=4 * spec.text_width,
+    )
+    config = GroundingDinoConfig(
+        use_pretrained_backbone=False,
+        use_timm_backbone=False,
+        text_config=text,
+        d_model=spec.d_model,
+        encoder_layers=spec.encoder_layers,
+        decoder_layers=spec.decoder_layers,
+        encoder_attention_heads=spec.heads,
+        decoder_attention_heads=spec.heads,
+        encoder_ffn_dim=spec.encoder_ffn,
+        decoder_ffn_dim=spec.decoder_ffn,
+        num_queries=spec.queries,
+        **backbone,
+    )
+    model = GroundingDinoModel(config)
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    return model
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     build: Callable[[ModelSpec], torch.nn.Module]
@@ -210,6 +262,7 @@ class Family:
     # strides of the levels from whose positions the model picks its queries (top-k), if it does: the image must
     # have at least as many positions as there are queries
     picks_queries_at: tuple[int, ...] = ()
+    prompt_tokens: int = 0  # the length of the text prompt (input_ids) the model takes with the image, if any
 
 
 FAMILIES = {
@@ -221,11 +274,18 @@ FAMILIES = {
     ),
     # the decoder's output, and the encoder's class scores that pick the decoder's queries
     "rt-detr": Family(_build_rt_detr, "rt_detr", ("last_hidden_state", "enc_outputs_class"), (8, 16, 32)),
+    "grounding-dino": Family(
+        _build_grounding_dino,
+        "grounding_dino",
+        ("last_hidden_state", "encoder_last_hidden_state_vision"),
+        (8, 16, 32, 64),
+        prompt_tokens=12,
+    ),
 }
 
 
 def build_model(spec: ModelSpec, seed: int = 0):
-    """The model of `spec` with random weights (a ResNet backbone from transformers' own config), in eval mode."""
+    """The model of `spec` with random weights (its backbone from transformers' own configs), in eval mode."""
     torch.manual_seed(seed)
     return FAMILIES[spec.family].build(spec).eval()
 
@@ -246,13 +306,18 @@ class _Variant:
         self.family = FAMILIES[spec.family]
         self.model = build_model(spec)
         self.core = core
-        self.pixels = pixels
+        self.inputs = {"pixel_values": pixels}
+        if self.family.prompt_tokens:
+            # token ids from BERT's vocabulary; the text encoder's cost does not depend on which
+            ids = torch.Generator().manual_seed(2)
+            shape = (pixels.shape[0], self.family.prompt_tokens)
+            self.inputs["input_ids"] = torch.randint(1000, 2000, shape, generator=ids)
         self.grads: tuple[torch.Tensor, ...] = ()  # of the two outputs, for the training step
         # a tiny step: the weights barely move over the runs, so every variant keeps timing the same model
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-9)
 
     def _outputs(self):
-        out = self.model(pixel_values=self.pixels)
+        out = self.model(**self.inputs)
         return tuple(out[name] for name in self.family.outputs)
 
     def run(self, phase: str):

@@ -30,7 +30,7 @@ def test_bench_model_times_both_variants_and_compares_their_outputs(tmp_path, ca
     assert result["machine"]["allocator"] in out and not xt.enabled()  # the switch is off again
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-mask2former", "tiny-rt-detr"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-mask2former", "tiny-rt-detr", "tiny-grounding-dino"])
 def test_each_variant_runs_its_own_attention_core_and_trains_the_same_parameters(name):
     import torch
 
@@ -54,7 +54,7 @@ def test_each_variant_runs_its_own_attention_core_and_trains_the_same_parameters
         if name == "tiny":  # Deformable DETR trains the backbone's last three stages
             assert any(n.startswith("encoder.") for n in trained) and any(n.startswith("decoder.") for n in trained)
             assert trained_backbone == {n for n in backbone if any(f"stages.{s}." in n for s in (1, 2, 3))}
-        else:  # Mask2Former and RT-DETR the whole backbone
+        else:  # Mask2Former, RT-DETR and Grounding DINO the whole backbone
             assert backbone and trained_backbone == set(backbone)
         if core != FREE_CORE:  # whose zero gradients stop at the attention's input layers
             assert any("attn.value_proj." in n for n in trained)
@@ -92,6 +92,15 @@ def test_the_rt_detr_model_is_the_papers_resnet50_one():
     assert 41e6 < sum(p.numel() for p in model.parameters()) < 43e6  # the paper's 42M parameters
     attention = model.decoder.layers[0].encoder_attn
     assert (attention.n_levels, attention.n_heads, attention.n_points) == (3, 8, 4)
+
+
+def test_the_grounding_dino_model_is_the_papers_swin_t_one():
+    model = build_model(MODELS["grounding-dino"])
+    config = model.config
+    assert (config.d_model, config.encoder_layers, config.decoder_layers, config.num_queries) == (256, 6, 6, 900)
+    assert config.backbone_config.model_type == "swin" and list(config.backbone_config.depths) == [2, 2, 6, 2]
+    assert config.text_config.num_hidden_layers == 12 and config.text_config.hidden_size == 768  # BERT-base
+    assert 171e6 < sum(p.numel() for p in model.parameters()) < 173e6  # 172M with BERT-base
 
 
 def test_bench_model_rejects_bad_arguments(capsys):

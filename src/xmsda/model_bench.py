@@ -126,16 +126,32 @@ MODELS = {
 }
 
 
-def _resnet(spec: ModelSpec, stages):
+def _resnet(spec: ModelSpec, stages, config_class=None):
+    """A bottleneck ResNet of spec's widths and depths, giving the features of `stages` (1-4); `config_class` a
+    ResNetConfig variant (RT-DETR's ResNet-vd), by default ResNetConfig itself."""
     from transformers import ResNetConfig
 
-    return ResNetConfig(
+    return (config_class or ResNetConfig)(
         num_channels=3,
         embedding_size=spec.backbone_stem,
         hidden_sizes=list(spec.backbone_widths),
         depths=list(spec.backbone_depths),
         layer_type="bottleneck",
         out_features=[f"stage{s}" for s in stages],
+    )
+
+
+def _detr_transformer(spec: ModelSpec) -> dict:
+    """The transformer's config arguments, which Deformable DETR, RT-DETR and Grounding DINO name alike."""
+    return dict(
+        d_model=spec.d_model,
+        encoder_layers=spec.encoder_layers,
+        decoder_layers=spec.decoder_layers,
+        encoder_attention_heads=spec.heads,
+        decoder_attention_heads=spec.heads,
+        encoder_ffn_dim=spec.encoder_ffn,
+        decoder_ffn_dim=spec.decoder_ffn,
+        num_queries=spec.queries,
     )
 
 
@@ -147,14 +163,7 @@ def _build_deformable_detr(spec: ModelSpec):
     config = DeformableDetrConfig(
         backbone_config=_resnet(spec, (2, 3, 4)),
         use_pretrained_backbone=False,
-        d_model=spec.d_model,
-        encoder_layers=spec.encoder_layers,
-        decoder_layers=spec.decoder_layers,
-        encoder_attention_heads=spec.heads,
-        decoder_attention_heads=spec.heads,
-        encoder_ffn_dim=spec.encoder_ffn,
-        decoder_ffn_dim=spec.decoder_ffn,
-        num_queries=spec.queries,
+        **_detr_transformer(spec),
         num_feature_levels=4,
     )
     model = DeformableDetrModel(config)
@@ -196,28 +205,13 @@ def _build_rt_detr(spec: ModelSpec):
     its batch norms frozen, transformers' default)."""
     from transformers import RTDetrConfig, RTDetrModel, RTDetrResNetConfig
 
-    backbone = RTDetrResNetConfig(
-        num_channels=3,
-        embedding_size=spec.backbone_stem,
-        hidden_sizes=list(spec.backbone_widths),
-        depths=list(spec.backbone_depths),
-        layer_type="bottleneck",
-        out_features=["stage2", "stage3", "stage4"],
-    )
     config = RTDetrConfig(
-        backbone_config=backbone,
+        backbone_config=_resnet(spec, (2, 3, 4), RTDetrResNetConfig),
         use_pretrained_backbone=False,
         encoder_in_channels=list(spec.backbone_widths[1:]),
         encoder_hidden_dim=spec.d_model,
         decoder_in_channels=[spec.d_model] * 3,
-        d_model=spec.d_model,
-        encoder_layers=spec.encoder_layers,
-        decoder_layers=spec.decoder_layers,
-        encoder_attention_heads=spec.heads,
-        decoder_attention_heads=spec.heads,
-        encoder_ffn_dim=spec.encoder_ffn,
-        decoder_ffn_dim=spec.decoder_ffn,
-        num_queries=spec.queries,
+        **_detr_transformer(spec),
     )
     return RTDetrModel(config)
 
@@ -238,14 +232,7 @@ def _build_grounding_dino(spec: ModelSpec):
         use_pretrained_backbone=False,
         use_timm_backbone=False,
         text_config=text,
-        d_model=spec.d_model,
-        encoder_layers=spec.encoder_layers,
-        decoder_layers=spec.decoder_layers,
-        encoder_attention_heads=spec.heads,
-        decoder_attention_heads=spec.heads,
-        encoder_ffn_dim=spec.encoder_ffn,
-        decoder_ffn_dim=spec.decoder_ffn,
-        num_queries=spec.queries,
+        **_detr_transformer(spec),
         **backbone,
     )
     model = GroundingDinoModel(config)

@@ -1,6 +1,6 @@
 """`xmsda` command line: `xmsda bench [--preset NAME] [--head-dim D] [--threads T] [--json FILE]` (the op and its
 module) and `xmsda bench-model [--model NAME] [--image HxW] [--batch B] [--json FILE]` (a whole Deformable DETR,
-Mask2Former or RT-DETR)."""
+Mask2Former, RT-DETR or Grounding DINO)."""
 
 from __future__ import annotations
 
@@ -125,8 +125,8 @@ def main(argv=None) -> int:
     bench.add_argument("--quiet", action="store_true", help="no per-run progress on stderr")
     model = sub.add_parser(
         "bench-model",
-        help="time a whole Hugging Face model (Deformable DETR, Mask2Former, RT-DETR) with transformers' attention "
-        "and with xmsda's switch",
+        help="time a whole Hugging Face model (Deformable DETR, Mask2Former, RT-DETR, Grounding DINO) with "
+        "transformers' attention and with xmsda's switch",
         description="; ".join(f"{m.name}: {m.description}" for m in MODELS.values()),
     )
     model.add_argument("--model", choices=sorted(MODELS), default="deformable-detr")

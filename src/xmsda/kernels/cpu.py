@@ -325,8 +325,8 @@ def backward_slices(batch: int, levels: int, heads: int, threads: int) -> int:
     """How many slices of heads the backward cuts each (batch, level) task into for `threads` threads: the count
     (of SLICE_COST's, at most `heads`) with the shortest estimated run, rounds of tasks times each task's cost, fewest
     slices on a tie. On 2 threads one task (one image, one level) is cut in two and two or more are left whole
-    (one level: 28.6 -> 19.6 ms; two: 43.6 ms whole, 46.3 ms in two slices); with more threads than tasks the tasks
-    are cut, so that the extra threads get work. The results do not depend on the slicing."""
+    (one-off measurements, one level: 28.6 -> 19.6 ms; two: 43.6 ms whole, 46.3 ms in two slices); with more threads
+    than tasks the tasks are cut, so that the extra threads get work. The results do not depend on the slicing."""
 
     def estimate(slices):
         rounds = -(-batch * levels * slices // threads)

@@ -1,9 +1,10 @@
 """`ms_deform_attn`: multi-scale deformable attention as a PyTorch custom op.
 
 The op (`torch.ops.xmsda.ms_deform_attn`) has a fake implementation, so torch.compile and torch.export trace through
-it, and autograd through a second op for the backward. CPU tensors run the fused numba kernels; float16 and bfloat16
-are computed in float32 and returned in their own dtype. The kernels use `torch.get_num_threads()` threads. Tensors
-on other devices run the grid_sample reference until a kernel for them exists.
+it, and autograd through a second op for the backward (and a third for double backward, which runs the reference: see
+"second-order gradients" below). CPU tensors run the fused numba kernels; float16 and bfloat16 are computed in float32
+and returned in their own dtype. The kernels use `torch.get_num_threads()` threads. Tensors on other devices run the
+grid_sample reference until a kernel for them exists.
 
 `ms_deform_attn_offsets` is the same attention with the sampling locations given the way Deformable DETR's module
 makes them, reference points plus offsets in pixels of each level, and computed inside the kernels: the module then
@@ -503,6 +504,133 @@ def _offsets_backward(ctx, grad_output):
 
 
 _ms_deform_attn_offsets_op.register_autograd(_offsets_backward, setup_context=_setup_context)
+
+
+# ---- second-order gradients ------------------------------------------------------------------------------------------
+# Double backward (gradient penalties, Hessian-vector products) differentiates the reference's first-order gradients
+# (grid_sample supports double backward; the kernels compute first-order gradients only): correct, and as slow as the
+# reference. Like the first-order backward it is a custom op of its own, so that tracing (torch.compile) sees one
+# opaque call; a third derivative is not supported.
+
+
+def _double_backward_body(
+    grad_grad_value, grad_grad_loc, grad_grad_attn, grad_output, value, spatial_shapes, level_start_index, points
+):
+    """Gradients of a backward op's inputs (grad_output, value, *points) given those of its outputs; `points` is
+    (locations, weights) or (reference points, offsets, weights)."""
+    with_reference_points = len(points) == 3
+    shapes, _ = _levels(value, spatial_shapes, level_start_index)
+
+    def core(value, *points):
+        ref, loc, attn = points if with_reference_points else (None, *points)
+        return _reference_core(value, shapes, spatial_shapes, loc, ref, attn)
+
+    def first_order(grad_output, value, *points):
+        grads = torch.func.vjp(core, value, *points)[1](grad_output)
+        return grads[0], grads[-2], grads[-1]  # what the backward op returns: value, locations/offsets, weights
+
+    # float16 and bfloat16 are computed in float32, as the kernels compute them
+    ct = _compute_dtype(value.dtype)
+    inputs = (grad_output, value, *points)
+    _, vjp = torch.func.vjp(first_order, *(t.detach().to(ct) for t in inputs))
+    grads = vjp(tuple(t.to(ct) for t in (grad_grad_value, grad_grad_loc, grad_grad_attn)))
+    return tuple(g.to(t.dtype) for g, t in zip(grads, inputs, strict=True))
+
+
+@torch.library.custom_op("xmsda::ms_deform_attn_double_backward", mutates_args=())
+def _ms_deform_attn_double_backward_op(
+    grad_grad_value: torch.Tensor,
+    grad_grad_locations: torch.Tensor,
+    grad_grad_weights: torch.Tensor,
+    grad_output: torch.Tensor,
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of grad_output, value, sampling_locations and attention_weights."""
+    check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return _double_backward_body(
+        grad_grad_value,
+        grad_grad_locations,
+        grad_grad_weights,
+        grad_output,
+        value,
+        spatial_shapes,
+        level_start_index,
+        (sampling_locations, attention_weights),
+    )
+
+
+@_ms_deform_attn_double_backward_op.register_fake
+def _(grad_grad_value, grad_grad_loc, grad_grad_attn, grad_output, value, spatial_shapes, level_start_index, loc, attn):
+    return tuple(torch.empty_like(t) for t in (grad_output, value, loc, attn))
+
+
+@torch.library.custom_op("xmsda::ms_deform_attn_offsets_double_backward", mutates_args=())
+def _ms_deform_attn_offsets_double_backward_op(
+    grad_grad_value: torch.Tensor,
+    grad_grad_offsets: torch.Tensor,
+    grad_grad_weights: torch.Tensor,
+    grad_output: torch.Tensor,
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    reference_points: torch.Tensor,
+    sampling_offsets: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of grad_output, value, reference_points, sampling_offsets and attention_weights."""
+    check_offset_inputs(value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights)
+    return _double_backward_body(
+        grad_grad_value,
+        grad_grad_offsets,
+        grad_grad_weights,
+        grad_output,
+        value,
+        spatial_shapes,
+        level_start_index,
+        (reference_points, sampling_offsets, attention_weights),
+    )
+
+
+@_ms_deform_attn_offsets_double_backward_op.register_fake
+def _(
+    grad_grad_value,
+    grad_grad_off,
+    grad_grad_attn,
+    grad_output,
+    value,
+    spatial_shapes,
+    level_start_index,
+    ref,
+    off,
+    attn,
+):
+    return tuple(torch.empty_like(t) for t in (grad_output, value, ref, off, attn))
+
+
+def _second_order_backward(ctx, grad_grad_value, grad_grad_loc, grad_grad_attn):
+    """Autograd formula of both backward ops: their double-backward op, on zeros for outputs without a gradient."""
+    grad_output, value, spatial_shapes, level_start_index, *points = ctx.saved_tensors
+    cotangents = [
+        torch.zeros_like(t) if c is None else c
+        for c, t in zip((grad_grad_value, grad_grad_loc, grad_grad_attn), (value, points[-2], points[-1]), strict=True)
+    ]
+    op = (
+        torch.ops.xmsda.ms_deform_attn_offsets_double_backward
+        if len(points) == 3
+        else torch.ops.xmsda.ms_deform_attn_double_backward
+    )
+    grad_grad_output, grad_value, *grad_points = op(
+        *cotangents, grad_output, value, spatial_shapes, level_start_index, *points
+    )
+    return grad_grad_output, grad_value, None, None, *grad_points
+
+
+for _backward_op in (_ms_deform_attn_backward_op, _ms_deform_attn_offsets_backward_op):
+    _backward_op.register_autograd(_second_order_backward, setup_context=_setup_context)
 
 for _op in (_ms_deform_attn_op, _ms_deform_attn_offsets_op):
     for _device_type in ("cpu", "cuda"):

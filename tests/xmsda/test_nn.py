@@ -62,17 +62,46 @@ def test_module_matches_grid_sample_formulation(monkeypatch, ref_dim):
         return out.detach(), [p.grad.clone() for p in m.parameters()] + [ref_points.grad.clone()]
 
     out, grads = run()
-    # Deformable DETR's module: locations computed in torch, then the grid_sample core
-    monkeypatch.setattr("xmsda.nn.ms_deform_attn", lambda v, s, i, lo, a: ms_deform_attn_core_pytorch(v, s, lo, a))
-    monkeypatch.setattr(
-        "xmsda.nn.ms_deform_attn_offsets",
-        lambda v, s, i, r, o, a: ms_deform_attn_core_pytorch(v, s, locations_from_offsets(r, o, s), a),
-    )
+    use_grid_sample_core(monkeypatch)
     out_ref, grads_ref = run()
     torch.testing.assert_close(out, out_ref)
     for a, b in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(a, b)
     assert ops  # the op module is what the module calls by default
+
+
+def use_grid_sample_core(monkeypatch):
+    """Make MSDeformAttn Deformable DETR's own module: locations computed in torch, then the grid_sample core."""
+    monkeypatch.setattr("xmsda.nn.ms_deform_attn", lambda v, s, i, lo, a: ms_deform_attn_core_pytorch(v, s, lo, a))
+    monkeypatch.setattr(
+        "xmsda.nn.ms_deform_attn_offsets",
+        lambda v, s, i, r, o, a: ms_deform_attn_core_pytorch(v, s, locations_from_offsets(r, o, s), a),
+    )
+
+
+@pytest.mark.parametrize("ref_dim", [2, 4])
+def test_gradient_penalty_through_the_module(monkeypatch, ref_dim):
+    # a second-order loss (the squared gradient of the output with respect to the encoder's input, as in gradient
+    # penalties) trains the same parameters with the op as with Deformable DETR's module
+    torch.manual_seed(0)
+    m = MSDeformAttn(d_model=8, n_levels=2, n_heads=2, n_points=2).double()
+    torch.nn.init.normal_(m.sampling_offsets.weight, std=0.1)
+    torch.nn.init.normal_(m.attention_weights.weight, std=0.1)
+    ss, lsi = level_tensors(((5, 4), (2, 3)))
+    flat = torch.randn(1, 26, 8, dtype=torch.float64, requires_grad=True)
+    ref_points = torch.rand(1, 26, 2, ref_dim, dtype=torch.float64)
+
+    def run():
+        m.zero_grad()
+        out = m(flat, ref_points, flat, ss, lsi)  # an encoder layer: the maps are the queries
+        (grad_flat,) = torch.autograd.grad(out.sin().sum(), flat, create_graph=True)
+        grad_flat.square().sum().backward()
+        return [p.grad.clone() for p in m.parameters()]
+
+    grads = run()
+    use_grid_sample_core(monkeypatch)
+    for a, b in zip(grads, run(), strict=True):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("ref_dim", [2, 4])

@@ -77,18 +77,42 @@ def test_gradients_only_where_asked():
     assert offsets.grad is not None and value.grad is None and ref.grad is None and attn.grad is None
 
 
+def _grad_output(v, off):
+    return torch.randn(v.shape[0], off.shape[1], v.shape[2] * v.shape[3], generator=torch.Generator().manual_seed(2))
+
+
 @pytest.mark.parametrize(
     ("op", "make_args"),
     [
         (torch.ops.xmsda.ms_deform_attn.default, lambda v, ss, lsi, ref, off, a: (v, ss, lsi, off.abs() / 8, a)),
         (torch.ops.xmsda.ms_deform_attn_offsets.default, lambda v, ss, lsi, ref, off, a: (v, ss, lsi, ref, off, a)),
+        (
+            torch.ops.xmsda.ms_deform_attn_backward.default,
+            lambda v, ss, lsi, ref, off, a: (_grad_output(v, off), v, ss, lsi, off.abs() / 8, a),
+        ),
+        (
+            torch.ops.xmsda.ms_deform_attn_offsets_backward.default,
+            lambda v, ss, lsi, ref, off, a: (_grad_output(v, off), v, ss, lsi, ref, off, a),
+        ),
     ],
 )
 def test_registrations_pass_torch_opcheck(op, make_args):
-    # schema, fake (meta) implementation, autograd registration and their agreement with the real kernels
+    # schema, fake (meta) implementation, autograd registration (the backward ops' is the second-order one) and
+    # their agreement with the real kernels
     inputs = make_offset_inputs(torch.float32, N=1, shapes=((4, 5), (2, 3)), Q=3, M=2, D=4, P=2)
     args = [t.requires_grad_() if t.is_floating_point() else t for t in make_args(*inputs)]
     torch.library.opcheck(op, args)
+
+
+def test_second_order_gradients():
+    # double backward in every input, reference points included (see test_op's test of the same name)
+    value, ss, lsi, ref, offsets, attn = make_offset_inputs(N=1, shapes=((4, 5), (2, 3)), Q=3, M=2, D=3, P=2)
+    inputs = [t.requires_grad_() for t in (value, ref, offsets, attn)]
+
+    def f(v, r, o, a):
+        return ms_deform_attn_offsets(v, ss, lsi, r, o, a)
+
+    assert torch.autograd.gradgradcheck(f, inputs, eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(

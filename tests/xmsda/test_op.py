@@ -67,6 +67,29 @@ def test_gradcheck_points_on_the_border_and_outside():
         torch.testing.assert_close(a, b)
 
 
+def test_second_order_gradients():
+    # double backward (gradient penalties, Hessian-vector products) runs through the reference; gradgradcheck
+    # compares it with finite differences of the kernels' first-order gradients, points inside and outside the maps
+    value, ss, lsi, loc, attn = make_inputs(N=1, shapes=((4, 5), (2, 3)), Q=3, M=2, D=3, P=2)
+    inputs = [t.requires_grad_() for t in (value, loc, attn)]
+    assert torch.autograd.gradgradcheck(lambda v, lo, a: op(v, ss, lsi, lo, a), inputs, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_second_order_gradients_in_half_precision_compute_in_float32(dtype):
+    value, ss, lsi, loc, attn = make_inputs(N=1, shapes=((4, 5), (2, 3)), Q=3, M=2, D=3, P=2)
+    value, loc, attn = (t.to(dtype) for t in (value, loc, attn))
+
+    def hessian_vector_products(compute_dtype):
+        v, lo, a = (t.to(compute_dtype).requires_grad_() for t in (value, loc, attn))
+        (grad_loc,) = torch.autograd.grad(op(v, ss, lsi, lo, a).sum(), lo, create_graph=True)
+        # rounded to `dtype` in both runs, as the first-order op returns it for `dtype` inputs
+        return torch.autograd.grad(grad_loc.to(dtype).float().square().sum(), (v, a))
+
+    for low, high in zip(hessian_vector_products(dtype), hessian_vector_products(torch.float32), strict=True):
+        assert low.dtype == dtype and torch.equal(low, high.to(dtype))
+
+
 def test_points_exactly_on_pixel_centres():
     # Power-of-two maps make (i + 0.5) / W exact, so the pixel coordinate is exactly the integer i, where bilinear
     # interpolation has a kink: finite differences cannot check the location gradient there, so it is compared

@@ -596,18 +596,7 @@ def _ms_deform_attn_offsets_double_backward_op(
 
 
 @_ms_deform_attn_offsets_double_backward_op.register_fake
-def _(
-    grad_grad_value,
-    grad_grad_off,
-    grad_grad_attn,
-    grad_output,
-    value,
-    spatial_shapes,
-    level_start_index,
-    ref,
-    off,
-    attn,
-):
+def _(grad_grad_value, grad_grad_off, grad_grad_attn, grad_output, value, shapes, starts, ref, off, attn):
     return tuple(torch.empty_like(t) for t in (grad_output, value, ref, off, attn))
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import pytest
 import torch
 
 import xmsda
 from xmsda.kernels import cpu as cpu_kernels
+from xmsda.kernels import simd
 from xmsda.reference import ms_deform_attn_core_pytorch, ms_deform_attn_gather
 
 from .conftest import assert_same_across_thread_counts, level_tensors, make_inputs
@@ -243,6 +247,43 @@ def test_half_precision_computes_in_float32(dtype):
     torch.testing.assert_close(out.float(), out_ref, atol=4 * eps, rtol=2 * eps)
     for a, b in zip(g, g_ref, strict=True):
         torch.testing.assert_close(a.float(), b, atol=8 * eps * b.abs().max().item(), rtol=2 * eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [16, 32])  # the generic forward kernel, and one compiled for the head size
+def test_half_precision_inputs_are_read_as_they_are(dtype, D):
+    # the kernels widen half-precision elements to float32 as they read them: outputs and gradients are, bit for bit,
+    # those of the inputs converted to float32 first, rounded to `dtype`, special values included
+    value, ss, lsi, loc, attn = make_inputs(N=2, shapes=((6, 7), (3, 4)), Q=9, M=2, D=D, P=3, dtype=dtype)
+    value[:, :, 1, 0] = float("nan")  # every pixel of a channel, so that the outputs see them
+    value[:, :, 0, 1] = float("inf")
+    ref = loc[:, :, 0, :, 0, :].contiguous()
+    offsets = (loc - ref[:, :, None, :, None, :]) * 4
+    grad_out = torch.randn(2, 9, 2 * D, generator=torch.Generator().manual_seed(3)).to(dtype)
+
+    def run(convert):
+        v, r, o, lo, a = (convert(t).requires_grad_() for t in (value, ref, offsets, loc, attn))
+        results = []
+        for out in (op(v, ss, lsi, lo, a), xmsda.ms_deform_attn_offsets(v, ss, lsi, r, o, a)):
+            out.backward(convert(grad_out))
+            results += [out.detach(), *(t.grad for t in (v, r, o, lo, a) if t.grad is not None)]
+            for t in (v, r, o, lo, a):
+                t.grad = None
+        return [t.to(dtype) for t in results]
+
+    low, upcast = run(lambda t: t.detach().clone()), run(lambda t: t.detach().float())
+    assert low[0].isnan().any() and low[0].isinf().any()
+    for a, b in zip(low, upcast, strict=True):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def test_kernel_cache_follows_simd_py():
+    # numba's on-disk cache of the kernels is keyed on cpu.py's contents only: without this digest there, an edit of
+    # the vector code in simd.py would leave every cached kernel compiled from the old code
+    source = Path(simd.__file__).read_bytes()
+    assert hashlib.sha256(source).hexdigest() == cpu_kernels.SIMD_SOURCE_SHA256, (
+        "kernels/simd.py changed: set SIMD_SOURCE_SHA256 in kernels/cpu.py to its new SHA-256"
+    )
 
 
 def test_non_contiguous_inputs():

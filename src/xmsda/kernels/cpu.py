@@ -37,6 +37,10 @@ location is computed in the coordinate phase as the module computes it, ref + of
 writes the offsets' gradient (the pixel-space gradient: d pixel / d offset = 1). With `ref` None, `loc` holds the
 locations; numba compiles the two cases apart and prunes the unused branches, so neither pays for the other.
 
+Half precision: bfloat16 and float16 inputs arrive as their bits (uint16, int16; see simd.py) and are widened to
+float32 as they are read (`_real`, and the value rows in simd.py); the kernels compute in float32 into float32 outputs,
+the dtype of `out` and `grad_value`, which the ops round to the input dtype.
+
 Bilinear taps follow grid_sample (align_corners=False, zero padding): pixel coordinates x*W - 0.5, y*H - 0.5 (see
 _pixel for the exact rounding); a corner outside the map reads zero and receives no gradient. Points whose four
 corners are all inside take a fused path (in the backward, `simd.interior_corners_backward`); the rest test each
@@ -52,6 +56,11 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .simd import interior_corners_backward
+from .simd import real as _real
+
+# numba keys its on-disk cache of the kernels below on this file's contents alone, not on those of simd.py, whose code
+# they compile in: this digest of simd.py makes every change there a change here (test_kernel_cache_follows_simd_py).
+SIMD_SOURCE_SHA256 = "1721e947e96348656bb71cae2158c5968bf7b11a27b3ab249a2f674af42e5982"
 
 # Size of the per-thread stack buffers: bounds the channels per head (two accumulators of D) and L*P*2.
 MAX_CHANNELS = 512
@@ -119,7 +128,7 @@ def _cells(loc, n, q, m, g, half_size, limit, one, frac, cell):
     """Phase 1 for one query: the cell and fraction (`_cell`) of each coordinate loc[n, q, m, g, i] (x, y
     interleaved). Branch-free over a contiguous run, so LLVM vectorises it."""
     for i in range(loc.shape[4]):
-        _cell(_pixel(loc[n, q, m, g, i], half_size[i], one), i, limit, frac, cell)
+        _cell(_pixel(_real(loc[n, q, m, g, i]), half_size[i], one), i, limit, frac, cell)
 
 
 @numba.njit(inline="always")
@@ -127,7 +136,7 @@ def _cells_from_offsets(offsets, base, n, q, m, g, half_size, limit, one, frac, 
     """`_cells` where `offsets` holds offsets in pixels of each level and the location is base[i] + offset / limit[i]
     (the reference point plus offset / (W, H), rounded as Deformable DETR's module does)."""
     for i in range(offsets.shape[4]):
-        _cell(_pixel(base[i] + offsets[n, q, m, g, i] / limit[i], half_size[i], one), i, limit, frac, cell)
+        _cell(_pixel(base[i] + _real(offsets[n, q, m, g, i]) / limit[i], half_size[i], one), i, limit, frac, cell)
 
 
 @numba.njit(inline="always")
@@ -135,8 +144,8 @@ def _reference_base(ref, n, q, lvl, levels, points, base):
     """The reference coordinate of each (x, y) entry of a query-head's offsets, which run over `levels` levels from
     `lvl` on, `points` points each: base[2 * (k * points + p) + c] = ref[n, q, lvl + k, c]."""
     for k in range(levels):
-        x = ref[n, q, lvl + k, 0]
-        y = ref[n, q, lvl + k, 1]
+        x = _real(ref[n, q, lvl + k, 0])
+        y = _real(ref[n, q, lvl + k, 1])
         for p in range(points):
             base[2 * (k * points + p)] = x
             base[2 * (k * points + p) + 1] = y
@@ -168,11 +177,11 @@ def query_order(loc, shapes, ref):
         sy = 0.0
         for m in range(M):
             for p in range(P):
-                sx += loc[n, q, m, 0, p, 0]
-                sy += loc[n, q, m, 0, p, 1]
+                sx += _real(loc[n, q, m, 0, p, 0])
+                sy += _real(loc[n, q, m, 0, p, 1])
         if ref is not None:
-            sx = ref[n, q, 0, 0] * (M * P) + sx / shapes[0, 1]
-            sy = ref[n, q, 0, 1] * (M * P) + sy / shapes[0, 0]
+            sx = _real(ref[n, q, 0, 0]) * (M * P) + sx / shapes[0, 1]
+            sy = _real(ref[n, q, 0, 1]) * (M * P) + sy / shapes[0, 0]
         x = sx / (M * P) * width
         y = sy / (M * P) * height
         x = x if x > 0.0 else 0.0  # also maps NaN to 0
@@ -213,7 +222,7 @@ def _make_forward_kernel(channels):
             D = channels
         Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
         K = L * P
-        t = value.dtype.type
+        t = out.dtype.type  # the compute dtype (value may hold bfloat16 or float16 bits: see _real)
         one = t(1)
         loc5 = loc.reshape(N, Q, M, 1, 2 * K)
         attn4 = attn.reshape(N, Q, M, K)
@@ -221,12 +230,12 @@ def _make_forward_kernel(channels):
         for task in numba.prange(N * nqb):
             n = task // nqb
             q_begin = (task % nqb) * qblock
-            acc = _stack_buffer(value.dtype)
-            frac = _stack_buffer(value.dtype)
+            acc = _stack_buffer(out.dtype)
+            frac = _stack_buffer(out.dtype)
             cell = _stack_buffer(np.int32)
-            half_size = _stack_buffer(value.dtype)
-            limit = _stack_buffer(value.dtype)
-            base = _stack_buffer(value.dtype)
+            half_size = _stack_buffer(out.dtype)
+            limit = _stack_buffer(out.dtype)
+            base = _stack_buffer(out.dtype)
             heights = _stack_buffer(np.int64)
             widths = _stack_buffer(np.int64)
             offsets = _stack_buffer(np.int64)
@@ -259,7 +268,7 @@ def _make_forward_kernel(channels):
                             continue
                         lw = frac[2 * j]
                         lh = frac[2 * j + 1]
-                        a = attn4[n, q, m, j]
+                        a = _real(attn4[n, q, m, j])
                         c1 = a * (one - lh) * (one - lw)
                         c2 = a * (one - lh) * lw
                         c3 = a * lh * (one - lw)
@@ -270,25 +279,25 @@ def _make_forward_kernel(channels):
                         if h0 >= 0 and w0 >= 0 and h0 < H - 1 and w0 < W - 1:
                             for d in range(D):
                                 acc[o + d] += (
-                                    c1 * value[n, r1, m, d]
-                                    + c2 * value[n, r1 + 1, m, d]
-                                    + c3 * value[n, r3, m, d]
-                                    + c4 * value[n, r3 + 1, m, d]
+                                    c1 * _real(value[n, r1, m, d])
+                                    + c2 * _real(value[n, r1 + 1, m, d])
+                                    + c3 * _real(value[n, r3, m, d])
+                                    + c4 * _real(value[n, r3 + 1, m, d])
                                 )
                             continue
                         top, bottom, left, right = h0 >= 0, h0 < H - 1, w0 >= 0, w0 < W - 1
                         if top and left:
                             for d in range(D):
-                                acc[o + d] += c1 * value[n, r1, m, d]
+                                acc[o + d] += c1 * _real(value[n, r1, m, d])
                         if top and right:
                             for d in range(D):
-                                acc[o + d] += c2 * value[n, r1 + 1, m, d]
+                                acc[o + d] += c2 * _real(value[n, r1 + 1, m, d])
                         if bottom and left:
                             for d in range(D):
-                                acc[o + d] += c3 * value[n, r3, m, d]
+                                acc[o + d] += c3 * _real(value[n, r3, m, d])
                         if bottom and right:
                             for d in range(D):
-                                acc[o + d] += c4 * value[n, r3 + 1, m, d]
+                                acc[o + d] += c4 * _real(value[n, r3 + 1, m, d])
                     for d in range(D):
                         out[n, q, m, d] = acc[d] + acc[D + d] if accumulators == 2 else acc[d]
 
@@ -341,7 +350,7 @@ def _corner_backward(value, grad_value, g, n, row, m, c, s):
     (g is a stack buffer: only its first D entries are the head's gradient)."""
     D = value.shape[3]
     for d in range(D):
-        s += g[d] * value[n, row, m, d]
+        s += g[d] * _real(value[n, row, m, d])
     for d in range(D):
         grad_value[n, row, m, d] += c * g[d]
     return s
@@ -354,7 +363,7 @@ def backward_kernel(value, shapes, starts, loc, ref, attn, order, grad_out, grad
     points `ref`, `loc` holds offsets in pixels and `grad_loc` receives their gradient."""
     N, _, M, D = value.shape
     Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
-    t = value.dtype.type
+    t = grad_value.dtype.type  # the compute dtype (value may hold half-precision bits: see simd.real)
     one = t(1)
     loc5 = loc.reshape(N, Q, M, L, 2 * P)
     # Tasks own (batch, level, slice of heads): disjoint parts of grad_value. Heads are the inner loop, so the
@@ -367,12 +376,12 @@ def backward_kernel(value, shapes, starts, loc, ref, attn, order, grad_out, grad
         m_begin = (task % slices) * per_slice
         H = shapes[lvl, 0]
         W = shapes[lvl, 1]
-        g = _stack_buffer(value.dtype)
-        frac = _stack_buffer(value.dtype)
+        g = _stack_buffer(grad_value.dtype)
+        frac = _stack_buffer(grad_value.dtype)
         cell = _stack_buffer(np.int32)
-        half_size = _stack_buffer(value.dtype)
-        limit = _stack_buffer(value.dtype)
-        base = _stack_buffer(value.dtype)
+        half_size = _stack_buffer(grad_value.dtype)
+        limit = _stack_buffer(grad_value.dtype)
+        base = _stack_buffer(grad_value.dtype)
         # d(pixel)/d(input): a location moves the point W (H) pixels per unit, an offset one pixel per pixel
         scale_x = t(W) if ref is None else one
         scale_y = t(H) if ref is None else one
@@ -391,7 +400,7 @@ def backward_kernel(value, shapes, starts, loc, ref, attn, order, grad_out, grad
                 else:
                     _cells_from_offsets(loc5, base, n, q, m, lvl, half_size, limit, one, frac, cell)
                 for d in range(D):
-                    g[d] = grad_out[n, q, m, d]
+                    g[d] = _real(grad_out[n, q, m, d])
                 for p in range(P):
                     w0 = cell[2 * p]
                     h0 = cell[2 * p + 1]
@@ -402,7 +411,7 @@ def backward_kernel(value, shapes, starts, loc, ref, attn, order, grad_out, grad
                         continue
                     lw = frac[2 * p]
                     lh = frac[2 * p + 1]
-                    a = attn[n, q, m, lvl, p]
+                    a = _real(attn[n, q, m, lvl, p])
                     c1 = a * (one - lh) * (one - lw)
                     c2 = a * (one - lh) * lw
                     c3 = a * lh * (one - lw)

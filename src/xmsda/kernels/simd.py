@@ -1,4 +1,5 @@
-"""Explicit 64-byte vector code for the backward kernel's hottest block, written as a numba intrinsic in LLVM IR.
+"""numba intrinsics in LLVM IR for the kernels in cpu.py: explicit 64-byte vector code for the backward kernel's
+hottest block, and the widening of half-precision inputs to float32 as the kernels read them.
 
 Why not a plain channel loop: LLVM vectorises `for d in range(D)` 64 floats per iteration (16 lanes, interleaved 4
 times), so Deformable DETR's D=32 heads ran on its 8-lane remainder loop, with per-corner address setup, and each of
@@ -7,8 +8,13 @@ or 8 float64 lanes) handles the four corners, the dot products share one transpo
 channels (D not a multiple of the lane count) run in scalar code. Measured on detr-encoder: backward kernel ~10%
 faster. Every operation is a fused multiply-add or an addition in a fixed order, so results are deterministic.
 
-numba's on-disk cache of the kernels in cpu.py is keyed on that file alone: after editing this one, delete
-`src/xmsda/kernels/__pycache__` (or touch cpu.py) so that the kernels are compiled again.
+Half precision: NumPy, and so numba, has neither bfloat16 nor float16 (numba's CPU target cannot even load float16
+arrays), so the ops hand the kernels those inputs as their bits, and the kernels widen each element (or vector of
+them) exactly as they load it, instead of converting the inputs to float32 first (figures in ops._kernel_view).
+
+numba's on-disk cache of the kernels in cpu.py is keyed on the contents of cpu.py alone (numba 0.68 hashes the
+source file), not on this file's: cpu.py therefore holds this file's SHA-256 (SIMD_SOURCE_SHA256), which a test keeps
+current, so that every change here changes cpu.py too and the kernels are compiled again.
 """
 
 from __future__ import annotations
@@ -19,6 +25,34 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 _I32 = llir.IntType(32)
+
+
+# Half-precision inputs reach the kernels as their bits, NumPy (and so numba) having neither type: bfloat16 as
+# uint16, float16 as int16. The kernels widen them to float32 as they read them (`real`, and the value rows here).
+HALF_STORAGE = (types.uint16, types.int16)
+
+
+def _widen(builder, bits, storage):
+    """IR: half-precision bits (an i16 or a vector of them) as float32, exactly."""
+    if isinstance(bits.type, llir.VectorType):
+        count = bits.type.count
+        i32, f32, half = (llir.VectorType(t, count) for t in (_I32, llir.FloatType(), llir.HalfType()))
+        sixteen = llir.Constant(i32, [_I32(16)] * count)
+    else:
+        i32, f32, half, sixteen = _I32, llir.FloatType(), llir.HalfType(), _I32(16)
+    if storage == types.uint16:  # a bfloat16 is the upper half of a float32
+        return builder.bitcast(builder.shl(builder.zext(bits, i32), sixteen), f32)
+    return builder.fpext(builder.bitcast(bits, half), f32)
+
+
+@intrinsic
+def real(typingctx, x):
+    """An input element as a float: floats as they are, half-precision bits (HALF_STORAGE) widened to float32."""
+    if isinstance(x, types.Float):
+        return x(x), lambda context, builder, sig, args: args[0]
+    if x not in HALF_STORAGE:
+        return None
+    return types.float32(x), lambda context, builder, sig, args: _widen(builder, args[0], x)
 
 
 def _mask(indices):
@@ -57,13 +91,16 @@ def _sum_four(builder, vectors, lanes):
 def interior_corners_backward(typingctx, value, grad_value, g, n, r1, r3, m, c1, c2, c3, c4):
     """For a point whose four corners are inside the map: returns (s1, s2, s3, s4), the dot products of the head's
     output gradient `g` (a 1-D buffer) with value[n, row, m, :] for row = r1, r1 + 1, r3, r3 + 1, and adds
-    c_k * g to the same rows of grad_value. `value` and `grad_value` are C-contiguous `[N, S, M, D]` arrays."""
-    arrays = (value, grad_value, g)
-    if not all(isinstance(a, types.Array) and a.layout == "C" and a.dtype == value.dtype for a in arrays):
-        return None  # the vector loads need contiguous channels of one float dtype
-    if value.dtype not in (types.float32, types.float64):
+    c_k * g to the same rows of grad_value. `value` and `grad_value` are C-contiguous `[N, S, M, D]` arrays; `value`
+    may hold half-precision bits (HALF_STORAGE) with float32 `grad_value` and `g`."""
+    dtype = grad_value.dtype
+    if not all(isinstance(a, types.Array) and a.layout == "C" for a in (value, grad_value, g)):
+        return None  # the vector loads need contiguous channels
+    if dtype not in (types.float32, types.float64) or g.dtype != dtype:
         return None
-    dtype = value.dtype
+    if value.dtype != dtype and not (value.dtype in HALF_STORAGE and dtype == types.float32):
+        return None
+    storage = value.dtype
     result = types.UniTuple(dtype, 4)
 
     def codegen(context, builder, sig, args):
@@ -96,8 +133,18 @@ def interior_corners_backward(typingctx, value, grad_value, g, n, r1, r3, m, c1,
         value_rows = [row_pointer(value_ty, value_arr, r) for r in rows]
         grad_rows = [row_pointer(grad_ty, grad_arr, r) for r in rows]
 
-        def vector_at(pointer, offset):
-            return builder.bitcast(builder.gep(pointer, [offset]), vector.as_pointer())
+        def vector_at(pointer, offset, element=element):
+            return builder.bitcast(builder.gep(pointer, [offset]), llir.VectorType(element, lanes).as_pointer())
+
+        def value_at(k, offset):  # a vector of value row k's channels from `offset`, as `dtype`
+            if storage == dtype:
+                return builder.load(vector_at(value_rows[k], offset), align=itemsize)
+            bits = builder.load(vector_at(value_rows[k], offset, context.get_value_type(storage)), align=2)
+            return _widen(builder, bits, storage)
+
+        def scalar_at(k, d):
+            v = builder.load(builder.gep(value_rows[k], [d]))
+            return v if storage == dtype else _widen(builder, v, storage)
 
         undef = llir.Constant(vector, llir.Undefined)
         splat = llir.Constant(llir.VectorType(_I32, lanes), None)
@@ -110,7 +157,7 @@ def interior_corners_backward(typingctx, value, grad_value, g, n, r1, r3, m, c1,
             offset = builder.mul(loop.index, intp(lanes))
             g_vector = builder.load(vector_at(g_ptr, offset), align=itemsize)
             for k in range(4):
-                v = builder.load(vector_at(value_rows[k], offset), align=itemsize)
+                v = value_at(k, offset)
                 builder.store(builder.call(fma_vector, [g_vector, v, builder.load(sums[k])]), sums[k])
             for k in range(4):
                 target = vector_at(grad_rows[k], offset)
@@ -125,7 +172,7 @@ def interior_corners_backward(typingctx, value, grad_value, g, n, r1, r3, m, c1,
         with cgutils.for_range_slice(builder, remainder, channels, intp(1), inc=True) as (d, _):
             g_d = builder.load(builder.gep(g_ptr, [d]))
             for k in range(4):
-                v = builder.load(builder.gep(value_rows[k], [d]))
+                v = scalar_at(k, d)
                 builder.store(builder.call(fma_scalar, [g_d, v, builder.load(totals[k])]), totals[k])
             for k in range(4):
                 target = builder.gep(grad_rows[k], [d])

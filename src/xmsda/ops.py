@@ -291,7 +291,7 @@ def _torch_threads():
 def _kernel_view(tensor):
     """A contiguous NumPy view of an input for the kernels, with no conversion: bfloat16 and float16 as their bits
     (uint16 and int16, which the kernels widen to float32 as they read them: `kernels.simd.real`). On detr-encoder
-    in bfloat16 the forward op takes 61-65 ms and the backward op 135-143 ms so, against 84-91 and 209-211 ms with
+    in bfloat16 the forward op then takes 61-65 ms and the backward op 135-143 ms, against 84-91 and 209-211 ms with
     the inputs converted to float32 first, and 57-58 and 121-143 ms in float32 (one-off, interleaved, two runs)."""
     tensor = tensor.detach().contiguous()
     bits = {torch.bfloat16: torch.uint16, torch.float16: torch.int16}.get(tensor.dtype)

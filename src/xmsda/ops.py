@@ -290,9 +290,9 @@ def _torch_threads():
 
 def _kernel_view(tensor):
     """A contiguous NumPy view of an input for the kernels, with no conversion: bfloat16 and float16 as their bits
-    (uint16 and int16, which the kernels widen to float32 as they read them: `kernels.simd.real`). On detr-encoder
-    in bfloat16 the forward op then takes 61-65 ms and the backward op 135-143 ms, against 84-91 and 209-211 ms with
-    the inputs converted to float32 first, and 57-58 and 121-143 ms in float32 (one-off, interleaved, two runs)."""
+    (uint16 and int16, which the kernels widen to float32 as they read them: `kernels.simd.real`); converting them
+    to float32 first took the bfloat16 op on detr-encoder from ~55 to ~100 ms forward and from ~130 to ~200 ms
+    backward (README, dtypes)."""
     tensor = tensor.detach().contiguous()
     bits = {torch.bfloat16: torch.uint16, torch.float16: torch.int16}.get(tensor.dtype)
     return (tensor if bits is None else tensor.view(bits)).numpy()

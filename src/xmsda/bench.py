@@ -1,9 +1,11 @@
 """Benchmark: the xmsda op against the grid_sample reference and a gather-based PyTorch formulation.
 
-Three variants compute the same function:
+Three variants compute the same function by default, a fourth on request (`--variants ...,inductor`):
   xmsda        the fused op (`xmsda.ms_deform_attn`)
   grid_sample  Deformable DETR's / mmcv's reference (`reference.ms_deform_attn_core_pytorch`)
   gather       corner gathers in stock PyTorch (`reference.ms_deform_attn_gather`)
+  inductor     the grid_sample reference under `torch.compile` (its default backend, inductor): what compiling the
+               reference buys. Its warm-up run compiles it (tens of seconds per phase), so it is not a default.
 
 Phases: `forward` (no autograd), `backward` (the backward pass alone, after an untimed forward with autograd),
 `module_forward` (a whole `MSDeformAttn` module, no autograd: inference) and `train_step` (the module as inside a
@@ -28,6 +30,7 @@ forward with autograd and the backward, so what the forward saves for the backwa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -89,11 +92,26 @@ PRESETS = {
     )
 }
 
+@functools.cache
+def _compiled_reference():
+    # Made on first use: torch.compile imports dynamo, which would triple the bench's start-up time (2 -> 5 s).
+    # Compiled again for each set of level shapes it meets (they are Python ints in the reference's loops).
+    return torch.compile(ms_deform_attn_core_pytorch, dynamic=False)
+
+
+def _inductor_reference(value, spatial_shapes, level_start_index, loc, attn):
+    return _compiled_reference()(value, [tuple(hw) for hw in spatial_shapes.tolist()], loc, attn)
+
+
 VARIANTS: dict[str, Callable] = {
     "xmsda": ms_deform_attn,
     "grid_sample": lambda v, ss, lsi, loc, a: ms_deform_attn_core_pytorch(v, ss, loc, a),
     "gather": lambda v, ss, lsi, loc, a: ms_deform_attn_gather(v, ss, loc, a),
+    "inductor": _inductor_reference,
 }
+DEFAULT_VARIANTS = ("xmsda", "grid_sample", "gather")
+# Variants whose first run at a shape compiles: the memory probe runs them once at full size before it measures.
+COMPILED_VARIANTS = ("inductor",)
 PHASES = ("forward", "backward", "module_forward", "train_step")
 MODULE_PHASES = ("module_forward", "train_step")
 
@@ -284,6 +302,8 @@ def _memory_child(preset_name: str, heads: int, head_dim: int, variant: str, pha
     _time(_phase_runner(PRESETS["tiny"], variant, phase, dtype))  # load kernels, initialise lazy state
     preset = dataclasses.replace(PRESETS[preset_name], heads=heads, head_dim=head_dim)
     runner = _phase_runner(preset, variant, phase, dtype)
+    if variant in COMPILED_VARIANTS:
+        _time(runner)  # compile for these shapes; the compiler's own memory is not the phase's
     baseline = _read_status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
@@ -498,7 +518,7 @@ def run_benchmark(
     preset: Preset,
     threads: int | None = None,
     repeat: int = 5,
-    variants=tuple(VARIANTS),
+    variants=DEFAULT_VARIANTS,
     phases=PHASES,
     dtype=torch.float32,
     memory: bool = True,
@@ -590,6 +610,8 @@ def format_report(result: dict) -> str:
             f"{UNFUSED}: the xmsda module with the sampling locations computed in torch (ms_deform_attn instead of",
             "ms_deform_attn_offsets).",
         ]
+    if any("inductor" in entry for entry in result["phases"].values()):
+        lines += ["", "inductor: the grid_sample reference compiled with torch.compile (default backend, inductor)."]
     roof = result.get("roofline")
     if roof:
         lim = result["machine"]["limits"]

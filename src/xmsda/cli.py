@@ -95,7 +95,7 @@ def _image_size(text: str) -> tuple[int, int]:
 
 
 def main(argv=None) -> int:
-    from .bench import PHASES, PRESETS
+    from .bench import DEFAULT_VARIANTS, PHASES, PRESETS
     from .model_bench import MODELS
 
     parser = argparse.ArgumentParser(prog="xmsda", description="Fast multi-scale deformable attention.")
@@ -118,7 +118,11 @@ def main(argv=None) -> int:
         default=None,
         help="channels per head D, with the preset's channel count (heads = channels / D; default: the preset's)",
     )
-    bench.add_argument("--variants", default="xmsda,grid_sample,gather", help="comma-separated subset")
+    bench.add_argument(
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help="comma-separated, from xmsda, grid_sample, gather and inductor (grid_sample under torch.compile)",
+    )
     bench.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     bench.add_argument("--no-profile", action="store_true", help="skip the profile and roofline estimate")

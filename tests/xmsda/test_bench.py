@@ -20,7 +20,8 @@ def test_bench_cli_reports_every_variant_phase_and_the_free_core(tmp_path, capsy
     assert result["preset"]["name"] == "tiny" and result["threads"] >= 1
     for phase in bench.PHASES:
         entry = result["phases"][phase]
-        expected = set(bench.VARIANTS) | ({bench.FREE_CORE, bench.UNFUSED} if phase in bench.MODULE_PHASES else set())
+        extra = {bench.FREE_CORE, bench.UNFUSED} if phase in bench.MODULE_PHASES else set()
+        expected = set(bench.DEFAULT_VARIANTS) | extra
         assert set(entry) == expected
         for e in entry.values():
             assert len(e["times_s"]) == 2 and e["median_s"] > 0
@@ -44,6 +45,27 @@ def test_bench_head_dim_keeps_the_channels_and_times_the_generic_forward_kernel(
     assert result["profile"]["op_pieces_s"]["  forward kernel, generic head size"] > 0
     assert main(["bench", "--preset", "tiny", "--head-dim", "5"]) == 2
     assert "--head-dim 5 must divide the preset's 32 channels" in capsys.readouterr().err
+
+
+def test_bench_times_the_reference_under_torch_compile_on_request(capsys):
+    # the inductor variant compiles the reference and computes its function: values and gradients
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    value, ss, lsi, loc, attn = bench.make_op_inputs(bench.PRESETS["tiny"])
+    leaves = [t.requires_grad_() for t in (value, loc, attn)]
+    grad = torch.randn(loc.shape[0], loc.shape[1], value.shape[2] * value.shape[3])
+    results = {}
+    for name in ("grid_sample", "inductor"):
+        out = bench.VARIANTS[name](value, ss, lsi, loc, attn)
+        results[name] = [out, *torch.autograd.grad(out, leaves, grad)]
+    for compiled, eager in zip(results["inductor"], results["grid_sample"], strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
+    # it is timed only when asked for, and the report says what it is
+    assert "inductor" not in bench.DEFAULT_VARIANTS
+    argv = ["bench", "--preset", "tiny", "--variants", "grid_sample,inductor", "--phases", "forward,train_step"]
+    assert main([*argv, "--repeat", "1", "--no-memory", "--no-profile", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "train_step     inductor" in out and "grid_sample reference compiled with torch.compile" in out
 
 
 def test_bench_cli_rejects_unknown_variants(capsys):

@@ -92,6 +92,7 @@ PRESETS = {
     )
 }
 
+
 @functools.cache
 def _compiled_reference():
     # Made on first use: torch.compile imports dynamo, which would triple the bench's start-up time (2 -> 5 s).

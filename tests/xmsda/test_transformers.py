@@ -113,7 +113,8 @@ def assert_switch_keeps_outputs_and_gradients(monkeypatch, model, site, calls_ex
     try:
         assert owner in xt.enable()
         assert getattr(owner, attribute) is not original and xt.enabled()
-        monkeypatch.setattr("xmsda.integrations.transformers.ms_deform_attn", lambda *a: calls.append(1) or op(*a))
+        for module in ("transformers", "mmcv_style"):  # the layers' forward, the pixel decoders' function
+            monkeypatch.setattr(f"xmsda.integrations.{module}.ms_deform_attn", lambda *a: calls.append(1) or op(*a))
         outputs_x, grads_x = run(model, pixels, **run_args)
     finally:
         xt.disable()

@@ -1,1 +1,2 @@
-"""Switches that make other libraries' models use the xmsda op."""
+"""Other libraries' models on the xmsda op: a switch for Hugging Face transformers (`transformers`), drop-ins for
+code that calls the attention the way Deformable DETR's ops and mmcv do (`mmcv_style`)."""

@@ -10,7 +10,8 @@ transformers computes multi-scale deformable attention in two kinds of place, an
   (value, spatial shapes, their list, level start index, locations, weights, im2col_step) and has no parameters, so
   `enable` replaces that forward on each model's class.
 - A module-level function `multi_scale_deformable_attention(value, spatial_shapes_list, locations, weights)`, which
-  the pixel decoders of Mask2Former and OneFormer call by its global name: `enable` replaces it in their modules.
+  the pixel decoders of Mask2Former and OneFormer call by its global name: `enable` replaces it in their modules with
+  `mmcv_style.multi_scale_deformable_attn_pytorch`, which takes the same arguments.
 
 Existing and future instances switch, weights and state dicts are untouched; `disable` restores the originals. (RT-DETR
 v2, D-FINE and DEIMv2 run a different attention, with per-level point counts and a discrete sampling mode, which the op
@@ -21,9 +22,8 @@ from __future__ import annotations
 
 import importlib
 
-import torch
-
 from ..ops import ms_deform_attn
+from .mmcv_style import multi_scale_deformable_attn_pytorch
 
 __all__ = ["FUNCTION_MODELS", "LAYER_MODELS", "MODELS", "attention_sites", "disable", "enable", "enabled"]
 
@@ -63,14 +63,6 @@ def _xmsda_forward(
     return ms_deform_attn(value, value_spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
-def _xmsda_function(value, value_spatial_shapes, sampling_locations, attention_weights):
-    # the callers pass the shapes as a list of (H, W); the op takes them, and each level's start, as tensors
-    shapes = torch.as_tensor(value_spatial_shapes, dtype=torch.int64, device=value.device).reshape(-1, 2)
-    sizes = shapes[:, 0] * shapes[:, 1]
-    level_start_index = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
-    return ms_deform_attn(value, shapes, level_start_index, sampling_locations, attention_weights)
-
-
 def attention_sites(models=MODELS) -> list[tuple[object, str]]:
     """Where the listed models compute the attention, as (owner, attribute) pairs: (layer class, "forward") or (module,
     FUNCTION). Models this transformers lacks are left out."""
@@ -94,7 +86,7 @@ def enable(models=MODELS) -> list[object]:
     for owner, attribute in attention_sites(models):
         if (owner, attribute) not in _originals:
             _originals[owner, attribute] = getattr(owner, attribute)
-            setattr(owner, attribute, _xmsda_forward if attribute == "forward" else _xmsda_function)
+            setattr(owner, attribute, _xmsda_forward if attribute == "forward" else multi_scale_deformable_attn_pytorch)
         switched.append(owner)
     return switched
 

@@ -48,24 +48,22 @@ def test_bench_head_dim_keeps_the_channels_and_times_the_generic_forward_kernel(
 
 
 def test_bench_times_the_reference_under_torch_compile_on_request(capsys):
-    # the inductor variant compiles the reference and computes its function: values and gradients
+    # The inductor variant compiles the reference and computes its function. Forward only, and inductor told to emit
+    # scalar C++: its compiler then takes ~12 s here instead of ~27 s (the vectorised training graph would add more),
+    # and the variant hands every phase and every setting to torch.compile the same way.
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    value, ss, lsi, loc, attn = bench.make_op_inputs(bench.PRESETS["tiny"])
-    leaves = [t.requires_grad_() for t in (value, loc, attn)]
-    grad = torch.randn(loc.shape[0], loc.shape[1], value.shape[2] * value.shape[3])
-    results = {}
-    for name in ("grid_sample", "inductor"):
-        out = bench.VARIANTS[name](value, ss, lsi, loc, attn)
-        results[name] = [out, *torch.autograd.grad(out, leaves, grad)]
-    for compiled, eager in zip(results["inductor"], results["grid_sample"], strict=True):
+    inputs = bench.make_op_inputs(bench.PRESETS["tiny"])
+    with torch._inductor.config.patch({"cpp.vec_isa_ok": False}):
+        with torch.no_grad():
+            compiled, eager = (bench.VARIANTS[name](*inputs) for name in ("inductor", "grid_sample"))
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
-    # it is timed only when asked for, and the report says what it is (train_step: the graph compiled above)
-    assert "inductor" not in bench.DEFAULT_VARIANTS
-    argv = ["bench", "--preset", "tiny", "--variants", "grid_sample,inductor", "--phases", "train_step"]
-    assert main([*argv, "--repeat", "1", "--no-memory", "--no-profile", "--quiet"]) == 0
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
+        # it is timed only when asked for, and the report says what it is (forward: the graph compiled above)
+        assert "inductor" not in bench.DEFAULT_VARIANTS
+        argv = ["bench", "--preset", "tiny", "--variants", "grid_sample,inductor", "--phases", "forward"]
+        assert main([*argv, "--repeat", "1", "--no-memory", "--no-profile", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "train_step     inductor" in out and "grid_sample reference compiled with torch.compile" in out
+    assert "forward        inductor" in out and "grid_sample reference compiled with torch.compile" in out
 
 
 def test_bench_cli_rejects_unknown_variants(capsys):

@@ -50,6 +50,10 @@ def test_function_form_takes_levels_and_points_folded_into_one_axis():
     assert torch.equal(folded[0], unfolded[0]) and torch.equal(folded[1], unfolded[1])
     assert torch.equal(folded[2], unfolded[2].reshape(N, Q, M, L * P, 2))
     assert torch.equal(folded[3], unfolded[3].reshape(N, Q, M, L * P))
+    # a folded tensor that is not contiguous (here: a transposed copy) unfolds as well
+    strided = torch.empty(N, Q, M, 2, L * P, dtype=loc.dtype).transpose(-1, -2).copy_(loc.reshape(N, Q, M, L * P, 2))
+    assert not strided.is_contiguous()
+    assert torch.equal(multi_scale_deformable_attn_pytorch(value, ss, strided, attn.reshape(N, Q, M, L * P)), folded[0])
 
 
 def test_function_form_names_what_is_wrong_with_folded_points():
@@ -57,6 +61,8 @@ def test_function_form_names_what_is_wrong_with_folded_points():
     folded_loc, folded_attn = loc.reshape(1, 4, 2, 9, 2), attn.reshape(1, 4, 2, 9)
     with pytest.raises(ValueError, match=r"sampling_locations: expected \[N, Q, M, L\*P, 2\].*L=2 levels"):
         multi_scale_deformable_attn_pytorch(value[:, : 6 * 7 + 3 * 4], ss[:2], folded_loc, folded_attn)
+    with pytest.raises(ValueError, match=r"sampling_locations: expected \[N, Q, M, L\*P, 2\].*got \[1, 4, 2, 9, 1\]"):
+        multi_scale_deformable_attn_pytorch(value, ss, folded_loc[..., :1], folded_attn)
     with pytest.raises(ValueError, match=r"attention_weights: expected \[N, Q, M, L\*P\] = \[1, 4, 2, 9\]"):
         multi_scale_deformable_attn_pytorch(value, ss, folded_loc, folded_attn[..., :8])
 

@@ -39,8 +39,8 @@ def multi_scale_deformable_attn_pytorch(value, value_spatial_shapes, sampling_lo
 
 def _unfold_levels(sampling_locations, attention_weights, levels):
     """`[N, Q, M, L*P, 2]` locations and `[N, Q, M, L*P]` weights as `[N, Q, M, L, P, 2]` and `[N, Q, M, L, P]`."""
-    N, Q, M, points, _ = sampling_locations.shape
-    if points % levels:
+    N, Q, M, points, coordinates = sampling_locations.shape
+    if coordinates != 2 or points % levels:
         raise ValueError(
             f"sampling_locations: expected [N, Q, M, L*P, 2] with L*P a multiple of the L={levels} levels in "
             f"value_spatial_shapes, got {list(sampling_locations.shape)}"
@@ -51,7 +51,7 @@ def _unfold_levels(sampling_locations, attention_weights, levels):
             f"{list(attention_weights.shape)}"
         )
     P = points // levels
-    return sampling_locations.view(N, Q, M, levels, P, 2), attention_weights.view(N, Q, M, levels, P)
+    return sampling_locations.reshape(N, Q, M, levels, P, 2), attention_weights.reshape(N, Q, M, levels, P)
 
 
 class MultiScaleDeformableAttnFunction:

@@ -204,8 +204,9 @@ def _check_levels(spatial_shapes: np.ndarray, level_start_index: np.ndarray, S: 
 
 
 def _levels(value, spatial_shapes, level_start_index):
-    shapes = spatial_shapes.detach().to("cpu", torch.int64).numpy()
-    starts = level_start_index.detach().to("cpu", torch.int64).numpy()
+    # C-ordered whatever the tensors' strides: numba compiles a kernel per array layout, ~20 s for each new one.
+    shapes = np.ascontiguousarray(spatial_shapes.detach().to("cpu", torch.int64).numpy())
+    starts = np.ascontiguousarray(level_start_index.detach().to("cpu", torch.int64).numpy())
     _check_levels(shapes, starts, value.shape[1])
     return shapes, starts
 

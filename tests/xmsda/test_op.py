@@ -300,6 +300,10 @@ def test_non_contiguous_inputs():
     assert torch.equal(out, out_ref)
     for a, b in zip(g, g_ref, strict=True):
         assert torch.equal(a, b)
+    # the kernels ran on the arrays' C-ordered copies: strides alone compile nothing new
+    kernels = (cpu_kernels.FORWARD_KERNELS[None], cpu_kernels.backward_kernel, cpu_kernels.query_order)
+    layouts = {arg.layout for kernel in kernels for sig in kernel.signatures for arg in sig if hasattr(arg, "layout")}
+    assert layouts == {"C"}
 
 
 def test_int32_index_tensors_are_accepted():

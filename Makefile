@@ -23,10 +23,15 @@ demo: $(STAMP)
 	mkdir -p out
 	$(BIN)/chorus generate "a red circle moving left on a white background" --seed 0 --out out/demo.mp4
 
+# The suite runs on two worker processes (pytest-xdist), each test file in one of them: most of its time is
+# single-threaded (numba compiling the kernels, subprocesses starting), so two workers on two cores take ~0.6x
+# the time of one. `make test TEST_WORKERS=0` runs it in this process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint:
 	$(BIN)/ruff check src tests && $(BIN)/ruff format --check src tests

@@ -204,7 +204,8 @@ def _check_levels(spatial_shapes: np.ndarray, level_start_index: np.ndarray, S: 
 
 
 def _levels(value, spatial_shapes, level_start_index):
-    # C-ordered whatever the tensors' strides: numba compiles a kernel per array layout, ~20 s for each new one.
+    # C-ordered whatever the tensors' strides: numba compiles the kernels apart for each array layout (~20 s of
+    # compiling the forward, backward and query order for a new one).
     shapes = np.ascontiguousarray(spatial_shapes.detach().to("cpu", torch.int64).numpy())
     starts = np.ascontiguousarray(level_start_index.detach().to("cpu", torch.int64).numpy())
     _check_levels(shapes, starts, value.shape[1])

@@ -222,6 +222,11 @@ def test_query_order_is_a_locality_preserving_permutation():
     centre = loc[1, :, :, 0].mean((1, 2))  # [Q, 2]
     step = (centre[order[1]].diff(dim=0)).norm(dim=1).mean()
     assert step < 0.3 * centre.diff(dim=0).norm(dim=1).mean()
+    # ties keep the order the queries come in (the sort is stable)
+    tied = torch.full_like(loc, 0.5)
+    tied[:, 100:] = 0.25
+    expected = torch.cat([torch.arange(100, 500), torch.arange(100)])  # (0.25, 0.25) comes first on the curve
+    assert torch.equal(torch.from_numpy(cpu.query_order(tied.numpy(), ss.numpy(), None)), expected.expand(2, -1))
 
 
 def test_results_do_not_depend_on_the_order_queries_come_in():
@@ -301,7 +306,7 @@ def test_non_contiguous_inputs():
     for a, b in zip(g, g_ref, strict=True):
         assert torch.equal(a, b)
     # the kernels ran on the arrays' C-ordered copies: strides alone compile nothing new
-    kernels = (cpu_kernels.FORWARD_KERNELS[None], cpu_kernels.backward_kernel, cpu_kernels.query_order)
+    kernels = (cpu_kernels.FORWARD_KERNELS[None], cpu_kernels.backward_kernel, cpu_kernels._query_keys)
     layouts = {arg.layout for kernel in kernels for sig in kernel.signatures for arg in sig if hasattr(arg, "layout")}
     assert layouts == {"C"}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -227,6 +228,10 @@ def test_query_order_is_a_locality_preserving_permutation():
     tied[:, 100:] = 0.25
     expected = torch.cat([torch.arange(100, 500), torch.arange(100)])  # (0.25, 0.25) comes first on the curve
     assert torch.equal(torch.from_numpy(cpu.query_order(tied.numpy(), ss.numpy(), None)), expected.expand(2, -1))
+    # the keys hold a query's index in 32 bits: more queries are refused (a broadcast view: no memory behind it)
+    too_many = np.broadcast_to(np.float32(0.5), (1, 2**32, 1, 1, 1, 2))
+    with pytest.raises(ValueError, match="at most 2\\*\\*32 - 1 queries"):
+        cpu.query_order(too_many, ss.numpy(), None)
 
 
 def test_results_do_not_depend_on_the_order_queries_come_in():

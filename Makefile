@@ -25,7 +25,7 @@ demo: $(STAMP)
 
 # The suite runs on two worker processes (pytest-xdist), each test file in one of them: most of its time is
 # single-threaded (numba compiling the kernels, subprocesses starting): on a clean clone on 2 cores, 511 s of
-# pytest in one process, 250-298 s on two workers. `make test TEST_WORKERS=0` runs it in one process.
+# pytest in one process, 241-298 s on two workers. `make test TEST_WORKERS=0` runs it in one process.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)

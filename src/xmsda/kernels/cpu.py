@@ -201,7 +201,8 @@ def query_order(loc, shapes, ref):
         raise ValueError(f"at most 2**32 - 1 queries, got {loc.shape[1]}")
     keys = _query_keys(loc, shapes, ref)
     keys.sort(axis=1)
-    return (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    keys &= np.uint64(0xFFFFFFFF)  # the indices, below 2**32: the same bits as int64
+    return keys.view(np.int64)
 
 
 # Head sizes the forward kernel is compiled for as constants (see _make_forward_kernel); other sizes take the generic

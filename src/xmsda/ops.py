@@ -21,6 +21,7 @@ import numba
 import numpy as np
 import torch
 
+from . import buffers
 from .kernels import cpu as cpu_kernels
 from .reference import ms_deform_attn_core_pytorch
 
@@ -213,12 +214,8 @@ def _levels(value, spatial_shapes, level_start_index):
 
 
 def _new_tensor(*shape, dtype, zeroed=False):
-    """A CPU tensor on memory from NumPy's allocator, which advises the kernel to back large arrays with transparent
-    huge pages: a fresh 45 MB output then takes ~20 page faults instead of ~11,000 (allocating and filling one took
-    2.7 ms instead of 11 ms on this repository's machine). A zeroed one is filled by torch's threads up front:
-    calloc'd pages would instead fault one by one inside the kernel (detr-decoder backward 8.3 vs 15 ms)."""
-    tensor = torch.from_numpy(np.empty(shape, np.float64 if dtype == torch.float64 else np.float32))
-    return tensor.zero_() if zeroed else tensor
+    """An output or gradient buffer in the compute dtype `dtype`, from the ops' buffer cache (`xmsda.buffers`)."""
+    return buffers.new_tensor(shape, np.float64 if dtype == torch.float64 else np.float32, zeroed)
 
 
 def _compute_dtype(dtype):

@@ -45,8 +45,9 @@ import numba
 import numpy as np
 import torch
 
+from . import buffers
 from .nn import MSDeformAttn
-from .ops import locations_from_offsets, ms_deform_attn
+from .ops import _compute_dtype, _new_tensor, locations_from_offsets, ms_deform_attn
 from .reference import ms_deform_attn_core_pytorch, ms_deform_attn_gather
 
 __all__ = ["PRESETS", "Preset", "run_benchmark"]
@@ -384,20 +385,25 @@ def profile_train_step(preset: Preset, dtype=torch.float32, top: int = 8) -> lis
     ]
 
 
+def _zeros_like_the_op(*shape, dtype):
+    """Zeros allocated as the op allocates its outputs (from its buffer cache, in its compute dtype)."""
+    return _new_tensor(*shape, dtype=_compute_dtype(dtype), zeroed=True).to(dtype)
+
+
 class _FreeCore(torch.autograd.Function):
     """Stands in for the sampling core (with the location arithmetic, which xmsda's is fused with) at no cost beyond
-    allocating its output and zero gradients, so that the linear layers upstream still get gradients: a module step
-    with it measures everything but the core."""
+    allocating its output and zero gradients as the op does, so that the linear layers upstream still get gradients:
+    a module step with it measures everything but the core."""
 
     @staticmethod
     def forward(ctx, value, sampling_locations, attention_weights):
         ctx.shapes = value.shape, sampling_locations.shape, attention_weights.shape
         N, _, M, D = value.shape
-        return value.new_zeros(N, sampling_locations.shape[1], M * D)
+        return _zeros_like_the_op(N, sampling_locations.shape[1], M * D, dtype=value.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        return tuple(grad_output.new_zeros(shape) for shape in ctx.shapes)
+        return tuple(_zeros_like_the_op(*shape, dtype=grad_output.dtype) for shape in ctx.shapes)
 
 
 FREE_CORE = "free-core"
@@ -498,9 +504,15 @@ def tensor_pages(thp_path: str = "/sys/kernel/mm/transparent_hugepage/enabled") 
 
 
 def memory_setup() -> dict:
-    """The report's memory fields: the allocator and whether torch's tensors are on huge pages (see above)."""
+    """The report's memory fields: the allocator, whether torch's tensors are on huge pages (see above) and how much
+    unused memory the op's buffer cache may keep (`xmsda.buffers`)."""
     on_huge_pages, pages = tensor_pages()
-    return {"allocator": memory_allocator(), "tensor_pages": pages, "tensors_on_huge_pages": on_huge_pages}
+    return {
+        "allocator": memory_allocator(),
+        "tensor_pages": pages,
+        "tensors_on_huge_pages": on_huge_pages,
+        "buffer_cache_limit_bytes": buffers.limit(),
+    }
 
 
 def machine_limits(threads: int) -> dict[str, float]:
@@ -579,7 +591,8 @@ def format_report(result: dict) -> str:
         f"L={len(p['shapes'])} P={p['points']} levels={p['shapes']}",
         f"dtype {result['dtype']}, {result['threads']} threads, median of {result['repeat']} runs "
         f"(numba threading layer {result['machine']['numba_threading_layer']})",
-        f"memory allocator {result['machine']['allocator']}; {result['machine']['tensor_pages']}",
+        f"memory allocator {result['machine']['allocator']}; {result['machine']['tensor_pages']}; "
+        f"xmsda buffer cache up to {result['machine']['buffer_cache_limit_bytes'] / 2**20:.0f} MiB",
     ]
     if faults_every_call(result["machine"]):
         lines.append(GLIBC_NOTE)

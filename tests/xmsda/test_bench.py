@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from xmsda import bench
+from xmsda import bench, buffers
 from xmsda.cli import main
 
 
@@ -31,6 +31,8 @@ def test_bench_cli_reports_every_variant_phase_and_the_free_core(tmp_path, capsy
     out = capsys.readouterr().out
     assert "free-core" in out and "xmsda-unfused" in out and "vs grid_sample" in out and "GFLOP/s" in out
     assert result["machine"]["allocator"] in out and result["machine"]["tensor_pages"] in out
+    assert result["machine"]["buffer_cache_limit_bytes"] == buffers.limit()
+    assert f"xmsda buffer cache up to {buffers.limit() >> 20} MiB" in out
     assert (bench.GLIBC_NOTE in out) == bench.faults_every_call(result["machine"])
 
 

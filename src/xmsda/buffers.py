@@ -4,7 +4,7 @@ A fresh buffer costs its first touch: the kernel faults its pages in and zeroes 
 freed memory back (virtio-balloon free page reporting, as on this repository's machine) the host backs them again,
 ~1 ms per MB. glibc's malloc, the default, returns every freed block over its mmap threshold (at most 32 MiB) to the
 OS, so without this cache a detr-encoder training step paid that for its 45 MB outputs and gradients in most steps
-(README, xMSDA, "Buffer cache"). A caching allocator (tcmalloc) avoids it too; with one, the cache gains nothing.
+(docs/xmsda.md, "Buffer cache"). A caching allocator (tcmalloc) avoids it too; with one, the cache gains nothing.
 
 Buffers of `MIN_BYTES` or more come from here (smaller ones stay with malloc, whose heap reuses them anyway). A
 buffer goes back to the cache when the last tensor using its memory is freed, never earlier, and the cache keeps at

@@ -291,7 +291,7 @@ def _kernel_view(tensor):
     """A contiguous NumPy view of an input for the kernels, with no conversion: bfloat16 and float16 as their bits
     (uint16 and int16, which the kernels widen to float32 as they read them: `kernels.simd.real`); converting them
     to float32 first took the bfloat16 op on detr-encoder from ~55 to ~100 ms forward and from ~130 to ~200 ms
-    backward (README, dtypes)."""
+    backward (docs/xmsda.md, dtypes)."""
     tensor = tensor.detach().contiguous()
     bits = {torch.bfloat16: torch.uint16, torch.float16: torch.int16}.get(tensor.dtype)
     return (tensor if bits is None else tensor.view(bits)).numpy()

@@ -72,6 +72,43 @@ def test_gradcheck_points_on_the_border_and_outside():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("with_offsets", [False, True])
+def test_non_finite_locations_sample_nothing_as_in_deformable_detrs_cuda_op(with_offsets):
+    # Deformable DETR's CUDA op (and mmcv's) skips a point unless -1 < pixel < size, which no NaN or infinity passes:
+    # the point adds nothing and gets zero gradients. The kernels do the same (the grid_sample reference returns NaN),
+    # so offsets that overflow in half precision lose their points instead of poisoning the output.
+    value, ss, lsi, loc, attn = make_inputs(N=1, shapes=((4, 5), (2, 3)), Q=4, M=2, D=5, P=3)
+    inf, nan = float("inf"), float("nan")
+    bad = torch.tensor([[nan, 0.5], [0.5, nan], [inf, 0.5], [-inf, 0.5], [0.5, inf], [0.5, -inf], [nan, nan]])
+    spots = [(0, 0, 0, 0), (0, 1, 1, 2), (1, 0, 1, 1), (2, 1, 0, 0), (2, 1, 0, 1), (3, 0, 1, 2), (3, 1, 0, 2)]
+    non_finite = torch.zeros(loc.shape[:-1], dtype=torch.bool)
+    outside = loc.clone()
+    for (q, m, lvl, p), xy in zip(spots, bad, strict=True):
+        loc[0, q, m, lvl, p] = xy.to(loc.dtype)
+        outside[0, q, m, lvl, p] = 3.0  # no corner inside: what the point must amount to
+        non_finite[0, q, m, lvl, p] = True
+    if with_offsets:
+        # the same locations as reference points plus pixel offsets (an infinite offset gives an infinite location)
+        ref = torch.full((1, 4, 2, 2), 0.5, dtype=loc.dtype)
+        size = ss.flip(-1).to(loc.dtype)[None, None, None, :, None, :]  # (W, H)
+        offsets = (loc - ref[:, :, None, :, None, :]) * size
+        inputs = [t.clone().requires_grad_() for t in (value, offsets, attn)]
+        out = xmsda.ms_deform_attn_offsets(inputs[0], ss, lsi, ref, inputs[1], inputs[2])
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype))
+        out, g = out.detach(), [t.grad for t in inputs]
+        g[1] = g[1] * size  # offsets' gradient to locations' (d offset / d loc = size)
+    else:
+        out, *g = grads(op, value, ss, lsi, loc, attn)
+    out_ref, *g_ref = grads(ms_deform_attn_core_pytorch, value, ss, lsi, outside, attn)
+    assert ms_deform_attn_core_pytorch(value, ss, loc, attn).isnan().any()  # unlike the reference
+    torch.testing.assert_close(out, out_ref)
+    torch.testing.assert_close(g[0], g_ref[0])
+    assert torch.equal(g[1][non_finite], torch.zeros_like(g[1][non_finite]))
+    assert torch.equal(g[2][non_finite], torch.zeros_like(g[2][non_finite]))
+    torch.testing.assert_close(g[1][~non_finite], g_ref[1][~non_finite])
+    torch.testing.assert_close(g[2], g_ref[2])
+
+
 def test_second_order_gradients():
     # double backward (gradient penalties, Hessian-vector products) runs through the reference; gradgradcheck
     # compares it with finite differences of the kernels' first-order gradients, points inside and outside the maps

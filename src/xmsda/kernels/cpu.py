@@ -67,7 +67,8 @@ MAX_CHANNELS = 512
 _STACK = 2 * MAX_CHANNELS
 
 # FMA contraction, and reassociation so that the per-corner channel dot products of the backward vectorise.
-# No 'nnan'/'ninf': non-finite inputs must propagate as they do in grid_sample.
+# No 'nnan'/'ninf': non-finite values and weights must propagate as they do in grid_sample. (A non-finite location
+# samples nothing, as in Deformable DETR's CUDA op, which skips a point unless -1 < pixel < size: see _cell.)
 _FASTMATH = {"contract", "reassoc"}
 _JIT = {"parallel": True, "cache": True, "fastmath": _FASTMATH, "nogil": True, "error_model": "numpy"}
 

@@ -346,9 +346,13 @@ def _cpu_backward(grad_output, value, shapes, starts, loc, ref, attn):
 
 
 def _reference_core(value, shapes, spatial_shapes, loc, ref, attn):
-    """The grid_sample reference, at `loc` or (with `ref`) at the locations made from these offsets."""
+    """The grid_sample reference, at `loc` or (with `ref`) at the locations made from these offsets, with the
+    kernels' semantics for a non-finite location: it samples nothing and gets zero gradients (as in Deformable DETR's
+    CUDA op), where grid_sample would return NaN. So the ops agree wherever they run (another device, a forked
+    child, the double backward)."""
     if ref is not None:
         loc = locations_from_offsets(ref, loc, spatial_shapes)
+    loc = torch.where(loc.isfinite(), loc, -2.0)  # far outside every map: no corner inside
     return ms_deform_attn_core_pytorch(value, shapes.tolist(), loc, attn)
 
 

@@ -107,6 +107,11 @@ def test_non_finite_locations_sample_nothing_as_in_deformable_detrs_cuda_op(with
     assert torch.equal(g[2][non_finite], torch.zeros_like(g[2][non_finite]))
     torch.testing.assert_close(g[1][~non_finite], g_ref[1][~non_finite])
     torch.testing.assert_close(g[2], g_ref[2])
+    # the second order runs through the reference, which follows the kernels here too
+    inputs = [t.clone().requires_grad_() for t in (value, loc, attn)]
+    first = torch.autograd.grad(op(inputs[0], ss, lsi, inputs[1], inputs[2]).sum(), inputs, create_graph=True)
+    second = torch.autograd.grad(sum(t.square().sum() for t in first), inputs)
+    assert all(t.isfinite().all() for t in second)
 
 
 def test_second_order_gradients():

@@ -260,11 +260,22 @@ def test_query_order_is_a_locality_preserving_permutation():
     order = torch.from_numpy(cpu.query_order(loc.numpy(), ss.numpy(), None))
     for n in range(2):
         assert torch.equal(order[n].sort().values, torch.arange(500))
-    # Consecutive queries in the order sample close together: on a Z-order curve the mean step between the
-    # mean locations of successive queries is far below that of the original (random) order.
+    # Consecutive queries in the order sample close together: on a Z-order curve (of single pixels here) the mean
+    # step between the mean locations of successive queries is far below that of the original (random) order.
     centre = loc[1, :, :, 0].mean((1, 2))  # [Q, 2]
-    step = (centre[order[1]].diff(dim=0)).norm(dim=1).mean()
+    by_pixel = torch.from_numpy(cpu.query_order(loc.numpy(), ss.numpy(), None, tile_bits=0))
+    step = (centre[by_pixel[1]].diff(dim=0)).norm(dim=1).mean()
     assert step < 0.3 * centre.diff(dim=0).norm(dim=1).mean()
+    # By default the curve runs over tiles of 16x16 pixels of the finest level: each tile's queries come as one run,
+    # in the order they came in (row-major in an encoder).
+    assert cpu.QUERY_TILE_BITS == 4
+    tile = (centre * 32).floor().clamp(0, 31).long() // 16  # [Q, 2]: the tile of each query's mean location
+    tile_id = tile[:, 0] * 2 + tile[:, 1]
+    runs = torch.unique_consecutive(tile_id[order[1]])
+    assert len(runs) == len(tile_id.unique())  # every tile is one run (as on any Z-order curve of aligned squares)
+    for t in runs:
+        members = order[1][tile_id[order[1]] == t]
+        assert torch.equal(members, members.sort().values)
     # ties keep the order the queries come in (the sort is stable)
     tied = torch.full_like(loc, 0.5)
     tied[:, 100:] = 0.25

@@ -105,8 +105,9 @@ def _give_back(block: np.ndarray) -> None:
 
 
 def _trim() -> None:
-    while _idle and idle_bytes() > _limit:
-        _idle.pop(next(iter(_idle)))
+    total = idle_bytes()
+    while _idle and total > _limit:
+        total -= _idle.pop(next(iter(_idle))).nbytes
 
 
 def _after_fork_in_child() -> None:

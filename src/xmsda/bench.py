@@ -342,11 +342,11 @@ def profile_op(preset: Preset, dtype=torch.float32, repeat: int = 5) -> dict[str
     args_l1 = (*args[:3], torch.full_like(loc, 0.5).numpy(), *args[4:])
     backward_op = torch.ops.xmsda.ms_deform_attn_backward
 
-    slices = cpu.backward_slices(N, len(preset.shapes), M, numba.get_num_threads())
+    partition = cpu.backward_partition(N, len(preset.shapes), M, numba.get_num_threads())
 
     def backward_kernel(kernel_args, kernel_order):
         return lambda: cpu.backward_kernel(
-            *kernel_args, kernel_order, grad_out.numpy(), gv.numpy(), gl.numpy(), ga.numpy(), slices
+            *kernel_args, kernel_order, grad_out.numpy(), gv.numpy(), gl.numpy(), ga.numpy(), *partition
         )
 
     pieces = {

@@ -327,7 +327,7 @@ def _cpu_backward(grad_output, value, shapes, starts, loc, ref, attn):
     grad_attn = _new_tensor(*attn_.shape, dtype=ct)
     with _torch_threads():
         order = cpu_kernels.query_order(loc_, shapes, ref_)
-        slices = cpu_kernels.backward_slices(N, len(shapes), M, numba.get_num_threads())
+        partition = cpu_kernels.backward_partition(N, len(shapes), M, numba.get_num_threads())
         cpu_kernels.backward_kernel(
             v,
             shapes,
@@ -340,7 +340,7 @@ def _cpu_backward(grad_output, value, shapes, starts, loc, ref, attn):
             grad_value.numpy(),
             grad_loc.numpy(),
             grad_attn.numpy(),
-            slices,
+            *partition,
         )
     return grad_value.to(value.dtype), grad_loc.to(loc.dtype), grad_attn.to(attn.dtype)
 

@@ -201,36 +201,60 @@ def test_backward_is_deterministic_across_runs_and_thread_counts(torch_threads):
     assert_same_across_thread_counts(torch_threads, lambda: grads(op, *inputs))
 
 
-def test_backward_gives_the_same_gradients_however_its_tasks_are_sliced(torch_threads):
+def test_backward_gives_the_same_gradients_however_its_tasks_are_cut(torch_threads):
     # One image and one level: the backward cuts its single task in two on 2 threads, not on 1.
     inputs = make_inputs(N=1, shapes=((20, 30),), Q=300, M=8, D=32, P=4, dtype=torch.float32)
-    assert [cpu_kernels.backward_slices(1, 1, 8, t) for t in (1, 2)] == [1, 2]
+    assert [cpu_kernels.backward_partition(1, 1, 8, t) for t in (1, 2)] == [(1, 1), (1, 2)]
     assert_same_across_thread_counts(torch_threads, lambda: grads(op, *inputs))
-    # every slice count, on the kernel itself (3 does not divide the 8 heads)
-    value, ss, lsi, loc, attn = (t.numpy() for t in inputs)
-    order = cpu_kernels.query_order(loc, ss, None)
-    grad_out = torch.randn(1, 300, 8, 32, generator=torch.Generator().manual_seed(1)).numpy()
-    results = []
-    for slices in (1, 2, 3, 4, 8):
-        gradients = (torch.zeros(value.shape), torch.empty(loc.shape), torch.empty(attn.shape))
+    # Every partition, on the kernel itself: tasks of one level or of all three, in 1-8 slices of heads (3 does not
+    # divide the 8 heads); with locations, and with reference points and offsets.
+    value, ss, lsi, loc, attn = (
+        t.numpy()
+        for t in make_inputs(N=2, shapes=((12, 17), (6, 9), (3, 5)), Q=300, M=8, D=32, P=4, dtype=torch.float32)
+    )
+    ref = torch.rand(2, 300, 3, 2, generator=torch.Generator().manual_seed(2)).numpy()
+    grad_out = torch.randn(2, 300, 8, 32, generator=torch.Generator().manual_seed(1)).numpy()
+    for points, reference in ((loc, None), (loc * 4, ref)):
+        order = cpu_kernels.query_order(points, ss, reference)
+        results = []
+        for level_block in (1, 3):
+            for slices in (1, 2, 3, 4, 8):
+                gradients = (torch.zeros(value.shape), torch.empty(loc.shape), torch.empty(attn.shape))
+                cpu_kernels.backward_kernel(
+                    value,
+                    ss,
+                    lsi,
+                    points,
+                    reference,
+                    attn,
+                    order,
+                    grad_out,
+                    *(g.numpy() for g in gradients),
+                    level_block,
+                    slices,
+                )
+                results.append(gradients)
+        for other in results[1:]:
+            for a, b in zip(results[0], other, strict=True):
+                assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="level_block must divide"):
         cpu_kernels.backward_kernel(
-            value, ss, lsi, loc, None, attn, order, grad_out, *(g.numpy() for g in gradients), slices
+            value, ss, lsi, loc, None, attn, order, grad_out, *(g.numpy() for g in gradients), 2, 1
         )
-        results.append(gradients)
-    for other in results[1:]:
-        for a, b in zip(results[0], other, strict=True):
-            assert torch.equal(a, b)
 
 
-def test_backward_slices_its_tasks_only_where_threads_would_idle():
-    slices = cpu_kernels.backward_slices
-    # 2 threads: one (batch, level) task is cut in two, two or more are left whole
-    assert [slices(1, levels, 8, 2) for levels in (1, 2, 3, 4)] == [2, 1, 1, 1]
-    assert slices(2, 4, 8, 2) == 1
+def test_backward_partition_cuts_tasks_only_where_threads_would_idle():
+    partition = cpu_kernels.backward_partition
+    # 2 threads: an even number of images take one task over all their levels each (three would leave a thread
+    # idle for one); one image is cut into its levels, and a single level into two slices of heads
+    assert partition(2, 4, 8, 2) == (4, 1) and partition(4, 3, 8, 2) == (3, 1) and partition(3, 4, 8, 2) == (1, 1)
+    assert [partition(1, levels, 8, 2) for levels in (1, 2, 4)] == [(1, 2), (1, 1), (1, 1)]
+    # one thread: whole images
+    assert partition(1, 4, 8, 1) == (4, 1)
     # more threads than tasks: cut, so that the extra threads get work
-    assert slices(2, 4, 8, 16) == 2 and slices(1, 4, 8, 16) == 4
+    assert partition(2, 4, 8, 16) == (1, 2) and partition(1, 4, 8, 16) == (1, 4)
     # never more slices than heads
-    assert slices(1, 1, 1, 16) == 1 and slices(1, 1, 2, 16) == 2
+    assert partition(1, 1, 1, 16) == (1, 1) and partition(1, 1, 2, 16) == (1, 2)
 
 
 def test_kernels_run_on_torchs_thread_count(torch_threads, monkeypatch):

@@ -34,7 +34,7 @@ def test_bench_model_times_both_variants_and_compares_their_outputs(tmp_path, ca
 def test_each_variant_runs_its_own_attention_core_and_trains_the_same_parameters(name):
     import torch
 
-    pixels = torch.randn(1, 3, 64, 96)
+    pixels = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
     trained_sets = []
     for core in MODEL_VARIANTS:
         variant = _Variant(MODELS[name], core, pixels)
@@ -48,14 +48,17 @@ def test_each_variant_runs_its_own_attention_core_and_trains_the_same_parameters
             {n for n, p in variant.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
         )
         trained = trained_sets[-1]
+        # Which backbone parameters the step reaches (a gradient, even if zero): with random weights some of a tiny
+        # backbone's ReLUs are off for a given image, and the parameters behind them get exact zeros.
+        reached = {n for n, p in variant.model.named_parameters() if p.grad is not None}
         prefix = "pixel_level_module.encoder." if name == "tiny-mask2former" else "backbone."
         backbone = [n for n, _ in variant.model.named_parameters() if n.startswith(prefix)]
-        trained_backbone = {n for n in backbone if n in trained}
+        reached_backbone = {n for n in backbone if n in reached}
         if name == "tiny":  # Deformable DETR trains the backbone's last three stages
             assert any(n.startswith("encoder.") for n in trained) and any(n.startswith("decoder.") for n in trained)
-            assert trained_backbone == {n for n in backbone if any(f"stages.{s}." in n for s in (1, 2, 3))}
+            assert reached_backbone == {n for n in backbone if any(f"stages.{s}." in n for s in (1, 2, 3))}
         else:  # Mask2Former, RT-DETR and Grounding DINO the whole backbone
-            assert backbone and trained_backbone == set(backbone)
+            assert backbone and reached_backbone == set(backbone)
         if core != FREE_CORE:  # whose zero gradients stop at the attention's input layers
             assert any("attn.value_proj." in n for n in trained)
     assert trained_sets[0] == trained_sets[1]  # xmsda trains the same parameters as transformers

@@ -21,9 +21,10 @@ Work partition (no atomics, deterministic): the forward splits over (batch, bloc
 output rows. The backward splits over (batch, block of levels, slice of heads), the block one level or all of them
 (`backward_partition`): a level's value rows are disjoint from every other level's, so each task owns its rows of the
 value gradient and accumulates into them in a fixed (query order, point) order; the gradients of locations and
-weights are owned per level too. The result is bit-identical for any thread count and partition. Heads are the innermost task loop in both, so the per-query tensors (locations, weights, output, output
-gradient, all `[N, Q, M, ...]`) stream contiguously: with heads outermost, their 1 KiB stride made the backward's
-reads of grad_out alone cost a third of its time.
+weights are owned per level too. The result is bit-identical for any thread count and partition. Heads are the
+innermost task loop in both, so the per-query tensors (locations, weights, output, output gradient, all
+`[N, Q, M, ...]`) stream contiguously: with heads outermost, their 1 KiB stride made the backward's reads of grad_out
+alone cost a third of its time.
 
 Query order: both kernels visit the queries in the order `query_order` returns, along a Z-order (Morton) curve of
 16x16-pixel tiles of where each query samples, each tile's queries in the order they come. Queries that sample near

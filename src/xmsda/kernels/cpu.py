@@ -360,18 +360,21 @@ SLICE_COST = {1: 1.0, 2: 1.45, 4: 1.6, 8: 2.1}
 
 # What one task over all the levels of an image costs, per level, against a task per level: it reads a query-head's
 # output gradient once instead of once per level, and computes the cells of all its points in one vectorised loop.
-# Measured on a 2-core Xeon (one-off, interleaved medians of 11 runs, bit-identical results): detr-encoder backward
+# Measured on a 2-core Xeon (one-off, interleaved medians of 7-11 runs, bit-identical results): detr-encoder backward
 # kernel 119 -> 102 ms, with reference points 110 -> 93 ms; mask2former-pixel-decoder 88 -> 78 and 84 -> 84 ms;
-# detr-decoder 7.2 -> 6.8 ms. On the Zen 3 of an earlier session the same grouping measured no gain and no loss.
+# detr-decoder 7.2 -> 6.8 ms (a kernel copy); this kernel on detr-encoder 121 -> 108 ms, and on one thread 242 -> 211
+# ms. One detr-encoder image on 2 threads: per-level tasks 72 ms, all levels in two slices of heads 100 ms. On the
+# Zen 3 of an earlier session the same grouping measured no gain and no loss.
 ALL_LEVELS_COST = 0.85
 
 
 def backward_partition(batch: int, levels: int, heads: int, threads: int) -> tuple[int, int]:
     """(level_block, slices) for `backward_kernel` on `threads` threads: tasks of one level or of all `levels`, each cut
     into `slices` slices of heads (SLICE_COST's counts, at most `heads`), whichever gives the shortest estimated run
-    (rounds of tasks times each task's cost); whole levels and fewer slices on a tie. On 2 threads two or more images
-    take one task each; one image is cut into its levels (one level alone into two slices). With more threads than
-    tasks the tasks are cut, so that the extra threads get work. The results do not depend on the partition."""
+    (rounds of tasks times each task's cost); on a tie fewer slices, then tasks of one level. On 2 threads an even
+    number of images take one task each; one image is cut into its levels (one level alone into two slices). With
+    more threads than tasks the tasks are cut, so that the extra threads get work. The results do not depend on the
+    partition."""
 
     def estimate(plan):
         level_block, slices = plan

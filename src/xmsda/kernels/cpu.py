@@ -158,6 +158,23 @@ def _reference_base(ref, n, q, lvl, levels, points, base):
 
 
 @numba.njit(inline="always")
+def _point_levels(shapes, starts, first_level, points, count, one, heights, widths, offsets, limit, half_size):
+    """For the `count` points of a query-head that run over the levels from `first_level` on, `points` per level:
+    each point's level height, width and first row in S, and per coordinate (x, y interleaved) the map's size along
+    it and half that (see `_cells`)."""
+    t = type(one)
+    for j in range(count):
+        lvl = first_level + j // points
+        heights[j] = shapes[lvl, 0]
+        widths[j] = shapes[lvl, 1]
+        offsets[j] = starts[lvl]
+        limit[2 * j] = t(widths[j])
+        limit[2 * j + 1] = t(heights[j])
+        half_size[2 * j] = limit[2 * j] / (one + one)
+        half_size[2 * j + 1] = limit[2 * j + 1] / (one + one)
+
+
+@numba.njit(inline="always")
 def _spread_bits(v):
     """The low 16 bits of v moved to the even bit positions (Morton interleaving)."""
     v &= 0xFFFF
@@ -268,15 +285,7 @@ def _make_forward_kernel(channels):
             heights = _stack_buffer(np.int64)
             widths = _stack_buffer(np.int64)
             offsets = _stack_buffer(np.int64)
-            for j in range(K):
-                lvl = j // P
-                heights[j] = shapes[lvl, 0]
-                widths[j] = shapes[lvl, 1]
-                offsets[j] = starts[lvl]
-                limit[2 * j] = t(widths[j])
-                limit[2 * j + 1] = t(heights[j])
-                half_size[2 * j] = limit[2 * j] / (one + one)
-                half_size[2 * j + 1] = limit[2 * j + 1] / (one + one)
+            _point_levels(shapes, starts, 0, P, K, one, heights, widths, offsets, limit, half_size)
             for i in range(q_begin, min(Q, q_begin + qblock)):
                 q = order[n, i]
                 if ref is not None:
@@ -437,15 +446,7 @@ def backward_kernel(
         heights = _stack_buffer(np.int64)
         widths = _stack_buffer(np.int64)
         offsets = _stack_buffer(np.int64)
-        for j in range(K):
-            lvl = block * level_block + j // P
-            heights[j] = shapes[lvl, 0]
-            widths[j] = shapes[lvl, 1]
-            offsets[j] = starts[lvl]
-            limit[2 * j] = t(widths[j])
-            limit[2 * j + 1] = t(heights[j])
-            half_size[2 * j] = limit[2 * j] / (one + one)
-            half_size[2 * j + 1] = limit[2 * j + 1] / (one + one)
+        _point_levels(shapes, starts, block * level_block, P, K, one, heights, widths, offsets, limit, half_size)
         for i in range(Q):
             q = order[n, i]
             if ref is not None:

@@ -237,10 +237,11 @@ def test_backward_gives_the_same_gradients_however_its_tasks_are_cut(torch_threa
         for other in results[1:]:
             for a, b in zip(results[0], other, strict=True):
                 assert torch.equal(a, b)
+    # a block of two of the three levels is refused (it would leave the third level without a task)
+    order = cpu_kernels.query_order(loc, ss, None)
+    gradients = (np.zeros(value.shape, np.float32), np.empty(loc.shape, np.float32), np.empty(attn.shape, np.float32))
     with pytest.raises(ValueError, match="level_block must divide"):
-        cpu_kernels.backward_kernel(
-            value, ss, lsi, loc, None, attn, order, grad_out, *(g.numpy() for g in gradients), 2, 1
-        )
+        cpu_kernels.backward_kernel(value, ss, lsi, loc, None, attn, order, grad_out, *gradients, 2, 1)
 
 
 def test_backward_partition_cuts_tasks_only_where_threads_would_idle():

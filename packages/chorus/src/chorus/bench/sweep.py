@@ -1,6 +1,6 @@
 """Sweep the planner's tables and stage 2's settings on a trace: one `none` reference, then one replay per variant.
 
-    python -m chorus.bench.sweep --trace src/chorus/bench/traces/standard.jsonl --steps 4 --grid default \
+    python -m chorus.bench.sweep --steps 4 --grid default \
         [--model builtin] [--limit N] [--report sweep.json]
 
 Each variant is `chorus` with some PlannerConfig / Stage2Config fields replaced (see GRIDS); the table printed at the
@@ -18,6 +18,7 @@ from ..stage2 import Stage2Config
 from .main import run_benchmark
 from .policies import Policy, make_policy
 from .report import markdown
+from .trace import STANDARD_TRACE
 
 S1_DEFAULT = PlannerConfig().stage1
 S2_DEFAULT = PlannerConfig().stage2
@@ -92,7 +93,7 @@ GRIDS: dict[str, dict[str, Policy]] = {
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m chorus.bench.sweep", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--trace", required=True)
+    ap.add_argument("--trace", default=str(STANDARD_TRACE), help="JSONL trace (default: the standard trace)")
     ap.add_argument("--model", default="builtin")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--grid", choices=sorted(GRIDS), action="append", help="repeatable; default: all grids")

@@ -108,8 +108,10 @@ def _bench(args) -> int:
     from .bench.main import run_benchmark
     from .bench.policies import known_policies
     from .bench.report import markdown
+    from .bench.trace import STANDARD_TRACE
     from .models import ModelNotFoundError
 
+    args.trace = args.trace or STANDARD_TRACE
     if not args.trace.is_file():
         print(f"chorus bench: error: trace {args.trace} not found", file=sys.stderr)
         return 2
@@ -199,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     trc.set_defaults(func=_trace)
 
     bch = sub.add_parser("bench", help="replay a trace once per reuse policy; speed, reuse and quality")
-    bch.add_argument("--trace", type=Path, required=True, help="JSONL trace (see `chorus trace`)")
+    bch.add_argument("--trace", type=Path, default=None, help="JSONL trace (default: the packaged standard trace)")
     bch.add_argument(
         "--policy",
         action="append",

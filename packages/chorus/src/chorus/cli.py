@@ -122,8 +122,13 @@ def _bench(args) -> int:
             f"chorus bench: error: unknown policy {unknown[0]!r}; known: {', '.join(known_policies())}", file=sys.stderr
         )
         return 2
-    if (args.steps is not None and args.steps < 1) or (args.limit is not None and args.limit < 1) or args.threads < 0:
-        print("chorus bench: error: --steps and --limit must be >= 1, --threads >= 0", file=sys.stderr)
+    if (
+        (args.steps is not None and args.steps < 1)
+        or (args.limit is not None and args.limit < 1)
+        or args.threads < 0
+        or args.seed_pairs < 0
+    ):
+        print("chorus bench: error: --steps and --limit must be >= 1, --threads and --seed-pairs >= 0", file=sys.stderr)
         return 2
     from .bench.replay import BenchSettings
 
@@ -141,6 +146,7 @@ def _bench(args) -> int:
             threads=args.threads or None,
             limit=args.limit,
             settings=settings,
+            seed_pairs=args.seed_pairs,
         )
     except (ValueError, ModelNotFoundError, OSError) as exc:
         print(f"chorus bench: error: {exc}", file=sys.stderr)
@@ -218,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     bch.add_argument("--frames", type=int, default=None, help="model default if omitted")
     bch.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     bch.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
+    bch.add_argument(
+        "--seed-pairs",
+        type=int,
+        default=20,
+        help="after the trace, this many of its prompts under two new seeds: how often the videos differ visibly",
+    )
     bch.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     bch.set_defaults(func=_bench)
     return parser

@@ -5,40 +5,46 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sqlite3
 import sys
 from pathlib import Path
 
 from .logs import configure as configure_logging
 
+# `chorus generate`'s flags by the request field they set, so that an error names what the user typed.
+GENERATE_FLAGS = {
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance",
+    "num_frames": "--frames",
+    "negative_prompt": "--negative-prompt",
+    "height": "--height",
+    "width": "--width",
+    "seed": "--seed",
+}
+
 
 def _generate(args) -> int:
     from .engine import ChorusEngine
-    from .models import ModelNotFoundError
+    from .request import GenerationRequest, RequestError, validate
     from .video import check_output_path, write_video
 
     try:
+        request = validate(GenerationRequest, _request_fields(args))
         out = check_output_path(args.out)
-        if not args.prompt.strip():
-            raise ValueError("prompt: must be a non-empty string")
-        engine = ChorusEngine.from_pretrained(
-            args.model,
-            cache_dir=None if args.no_cache else args.cache_dir,
-            use_cache=not args.no_cache,
-            embedder=args.embedder,
-        )
-        result = engine.generate(
-            args.prompt,
-            seed=args.seed,
-            num_inference_steps=args.steps,
-            height=args.height,
-            width=args.width,
-            num_frames=args.frames,
-            guidance_scale=args.guidance,
-            negative_prompt=args.negative_prompt,
-            progress=not args.quiet,
-        )
+        cache_dir = None if args.no_cache else _check_cache_dir(args.cache_dir)
+        try:
+            engine = ChorusEngine.from_pretrained(
+                args.model, cache_dir=cache_dir, use_cache=not args.no_cache, embedder=args.embedder
+            )
+        except sqlite3.Error as exc:  # a damaged cache index
+            raise ValueError(f"--cache-dir {cache_dir}: cannot open the cache: {exc}") from None
+        result = engine.generate(**request.model_dump(), progress=not args.quiet)
         write_video(result.frames, out, fps=args.fps)
-    except (ValueError, ModelNotFoundError) as exc:
+    except RequestError as exc:
+        flag = GENERATE_FLAGS.get(exc.param, exc.param)
+        print(f"chorus generate: error: {flag}: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # ModelNotFoundError, an unwritable output or cache directory
         print(f"chorus generate: error: {exc}", file=sys.stderr)
         return 2
     report = result.report
@@ -51,6 +57,32 @@ def _generate(args) -> int:
             f"{report.transformer_calls} transformer calls, {report.total_seconds:.2f}s"
         )
     return 0
+
+
+def _request_fields(args) -> dict:
+    return {
+        "prompt": args.prompt,
+        "seed": args.seed,
+        "num_inference_steps": args.steps,
+        "height": args.height,
+        "width": args.width,
+        "num_frames": args.frames,
+        "guidance_scale": args.guidance,
+        "negative_prompt": args.negative_prompt,
+    }
+
+
+def _check_cache_dir(path: Path) -> Path:
+    from .video import check_writable_dir
+
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--cache-dir {path}: not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--cache-dir {path}: cannot create it: {exc.strerror or exc}") from None
+    check_writable_dir(path, f"--cache-dir {path}")
+    return path
 
 
 def _serve(args) -> int:

@@ -85,6 +85,27 @@ def _check_cache_dir(path: Path) -> Path:
     return path
 
 
+def _demo(args) -> int:
+    import torch
+
+    from . import demo
+    from .engine import ChorusEngine
+
+    if args.threads > 0:  # a small model on a shared machine: one thread is several times faster than two
+        torch.set_num_threads(args.threads)
+    try:
+        out = demo.check_sheet_path(args.out)
+        engine = ChorusEngine.from_pretrained(args.model)  # no cache_dir: an in-memory cache, empty at the start
+        rows = demo.run(engine, steps=args.steps)
+    except ValueError as exc:
+        print(f"chorus demo: error: {exc}", file=sys.stderr)
+        return 2
+    print(demo.table(rows))
+    print(f"\n{demo.summary(rows)}")
+    print(f"contact sheet (a row per request, its frames left to right): {demo.contact_sheet(rows, out)}")
+    return 0
+
+
 def _serve(args) -> int:
     from .models import ModelNotFoundError
     from .server.app import DataDirBusyError, serve
@@ -204,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print the generation report as JSON")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=_generate)
+
+    dem = sub.add_parser("demo", help="related prompts through one engine: what each reused; a contact sheet")
+    dem.add_argument("--model", default="builtin", help="'builtin' or a local diffusers WanPipeline directory")
+    dem.add_argument("--steps", type=int, default=None, help="denoising steps (model default if omitted)")
+    dem.add_argument("--out", type=Path, default=Path("out/demo.png"), help="the contact sheet (.png)")
+    dem.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    dem.set_defaults(func=_demo)
 
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible Videos API, metrics and a web page")
     srv.add_argument("--model", default="builtin", help="'builtin' or a local diffusers WanPipeline directory")

@@ -4,7 +4,7 @@
         [--model builtin] [--limit N] [--report sweep.json]
 
 Each variant is `chorus` with some PlannerConfig / Stage2Config fields replaced (see GRIDS); the table printed at the
-end is the same markdown as `chorus bench`. The chosen defaults, and why, are in docs/benchmark.md.
+end is the same markdown as `chorus bench`. The chosen defaults, and why, are in docs/chorus/benchmark.md and docs/notes/chorus.md.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ GRIDS: dict[str, dict[str, Policy]] = {
         "alpha4": _variant(alpha=4.0),
         "alpha8": _variant(alpha=8.0),
         "tight-mask": _variant(mask={"dilate": 0}),
-        "half-maps-tight": _variant(mask={"top_fraction": 0.5, "dilate": 0}),  # the default before the retrained model
+        "half-maps-tight": _variant(mask={"top_fraction": 0.5, "dilate": 0}),  # half of the maps, undilated
         "dilated-mask": _variant(mask={"dilate": 1, "temporal_window": 1}),
         "tight-alpha1": _variant(alpha=1.0, mask={"dilate": 0}),
         "tight-alpha4": _variant(alpha=4.0, mask={"dilate": 0}),

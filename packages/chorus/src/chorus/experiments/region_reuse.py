@@ -1,6 +1,6 @@
 """Does stage 2 (region reuse with TGAA) keep an edited attribute right, and at what cost?
 
-    python -m chorus.experiments.region_reuse --steps 4 --pairs 24 --out docs/stage2
+    python -m chorus.experiments.region_reuse --steps 4 --pairs 24 --out out/stage2
 
 For pairs of prompts that differ in one object's colour ("a red circle moving left on a white background" ->
 "a blue circle moving left on a white background"), the target is generated as a hit on the source under four arms
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--alpha", type=float, default=Stage2Config().alpha)
     parser.add_argument("--pairs", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("docs/stage2"))
+    parser.add_argument("--out", type=Path, default=Path("out/stage2"))
     parser.add_argument("--mask-quality", action="store_true", help="measure the region masks only (see above)")
     args = parser.parse_args(argv)
     k1 = args.k1 if args.k1 is not None else max(1, round(args.steps / 4))

@@ -31,7 +31,7 @@ def test_the_readme_marks_its_examples():
 @pytest.mark.parametrize(
     ("kind", "code"),
     [
-        pytest.param(kind, code, id=f"{i}-{kind}", marks=[pytest.mark.slow] if "xmsda" in code else [])
+        pytest.param(kind, code, id=f"{i}-{kind}", marks=pytest.mark.slow)  # models load, kernels compile
         for i, (kind, code) in enumerate(BLOCKS)
     ],
 )

@@ -16,6 +16,7 @@ from chorus.video import read_mp4
 TINY_ARGS = ["--height", "16", "--width", "16", "--frames", "5", "--steps", "3", "--guidance", "1.0"]
 
 
+@pytest.mark.slow  # two `chorus generate` processes
 def test_generate_writes_each_format_and_reuses_the_disk_cache(tmp_path, tiny_wan_dir):
     cache = tmp_path / "cache"
     base = [sys.executable, "-m", "chorus.cli", "generate", "a red circle moving left", "--model", str(tiny_wan_dir)]
@@ -43,6 +44,15 @@ def test_generate_writes_each_format_and_reuses_the_disk_cache(tmp_path, tiny_wa
     assert (tmp_path / "a.gif").read_bytes()[:6] in (b"GIF87a", b"GIF89a")
 
 
+@pytest.fixture(scope="module")
+def seeded_cache(tmp_path_factory, tiny_wan_dir):
+    """A disk cache with one entry, shared by the refusal cases: none of them may change it."""
+    path = tmp_path_factory.mktemp("cli-cache")
+    seed_args = ["generate", "a blue square", "--model", str(tiny_wan_dir), *TINY_ARGS, "-q"]
+    assert main([*seed_args, "--cache-dir", str(path / "cache"), "--out", str(path / "seed.npy")]) == 0
+    return path / "cache"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -65,10 +75,8 @@ def test_generate_writes_each_format_and_reuses_the_disk_cache(tmp_path, tiny_wa
         (["a red circle", "--model", "{tmp}/no-such-model", "--out", "{tmp}/x.npy"], "no-such-model"),
     ],
 )
-def test_bad_input_exits_2_and_leaves_the_cache_as_it_was(tmp_path, tiny_wan_dir, capsys, args, message):
-    cache = tmp_path / "cache"
-    seed_args = ["generate", "a blue square", "--model", str(tiny_wan_dir), *TINY_ARGS, "-q"]
-    assert main([*seed_args, "--cache-dir", str(cache), "--out", str(tmp_path / "seed.npy")]) == 0
+def test_bad_input_exits_2_and_leaves_the_cache_as_it_was(seeded_cache, tmp_path, tiny_wan_dir, capsys, args, message):
+    cache = seeded_cache
     before = sorted(p.name for p in (cache / "entries").iterdir())
     (tmp_path / "dir.npy").mkdir()
     (tmp_path / "file").write_text("not a directory")

@@ -4,7 +4,7 @@
         [--model builtin] [--limit N] [--report sweep.json]
 
 Each variant is `chorus` with some PlannerConfig / Stage2Config fields replaced (see GRIDS); the table printed at the
-end is the same markdown as `chorus bench`. The chosen defaults, and why, are in docs/chorus/benchmark.md and docs/notes/chorus.md.
+end is the same markdown as `chorus bench`. The defaults, and why: docs/chorus/benchmark.md, docs/notes/chorus.md.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
@@ -24,7 +24,8 @@ MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**63 - 1
 MAX_STEPS = 200  # a cap on one request's work, the same for every caller
 MAX_GUIDANCE = 50.0
-CACHE_POLICIES = ("reuse", "refresh", "off")  # read+write; write only (compute in full); neither
+CachePolicy = Literal["reuse", "refresh", "off"]  # read+write; write only (compute in full); neither
+CACHE_POLICIES = get_args(CachePolicy)
 
 
 class RequestError(ValueError):
@@ -66,7 +67,6 @@ Seed = Annotated[int, BeforeValidator(not_bool), Field(ge=0, le=MAX_SEED)]
 Steps = Annotated[int, BeforeValidator(not_bool), Field(ge=1, le=MAX_STEPS)]
 Guidance = Annotated[float, BeforeValidator(finite), Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)]
 Pixels = Annotated[int, BeforeValidator(not_bool), Field(ge=1)]
-CachePolicy = Literal["reuse", "refresh", "off"]
 
 
 class RequestFields(BaseModel):

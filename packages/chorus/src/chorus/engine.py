@@ -46,49 +46,13 @@ from .models import FlowVideoDiTAdapter, load_adapter
 from .planner import Plan, Planner, PlannerConfig, StageOnePlanner, token_difference
 from .regions import prompt_diff
 from .report import GenerationReport
+from .request import GenerationRequest, ModelLimits
 from .stage2 import FeatureBank, FeatureRecorder, RegionHooks, RunState, transformer_flops
 
 log = logging.getLogger(__name__)
 
-CACHE_POLICIES = ("reuse", "refresh", "off")  # read+write; write only (compute in full); neither
-MAX_PROMPT_CHARS = 2000
-
-
-@dataclass(frozen=True)
-class Request:
-    """One generation request with every default filled in."""
-
-    prompt: str
-    negative_prompt: str
-    seed: int
-    num_steps: int
-    height: int
-    width: int
-    num_frames: int
-    guidance_scale: float
-    cache_policy: str
-
-    def validate(self) -> None:
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise ValueError("prompt: must be a non-empty string")
-        if len(self.prompt) > MAX_PROMPT_CHARS:
-            raise ValueError(f"prompt: {len(self.prompt)} characters, at most {MAX_PROMPT_CHARS}")
-        if not isinstance(self.negative_prompt, str) or len(self.negative_prompt) > MAX_PROMPT_CHARS:
-            raise ValueError(f"negative_prompt: must be a string of at most {MAX_PROMPT_CHARS} characters")
-        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed={self.seed!r}: must be an integer in [0, 2**63)")
-        if not _is_int(self.num_steps) or self.num_steps < 1:
-            raise ValueError(f"num_inference_steps={self.num_steps!r}: must be an integer >= 1")
-        if not isinstance(self.guidance_scale, int | float) or not math.isfinite(self.guidance_scale):
-            raise ValueError(f"guidance_scale={self.guidance_scale!r}: must be a finite number >= 0")
-        if self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale={self.guidance_scale!r}: must be a finite number >= 0")
-        if self.cache_policy not in CACHE_POLICIES:
-            raise ValueError(f"cache_policy={self.cache_policy!r}: expected one of {CACHE_POLICIES}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+# The request `_generate` runs: a `GenerationRequest` with the model's defaults filled in (`ModelLimits.complete`).
+Request = GenerationRequest
 
 
 @dataclass
@@ -190,23 +154,22 @@ class ChorusEngine:
         on_step: Callable[[int, int], None] | None = None,
         request_id: str | None = None,
     ) -> GenerationResult:
-        """Generate one video; the arguments mirror `WanPipeline.__call__`. Bad arguments raise ValueError
-        before anything is computed or stored. `on_step(done, total)` is called after every denoising step
-        (reused steps count as done at once), e.g. to report progress."""
-        d = self.adapter.defaults
-        req = Request(
-            prompt=prompt,
-            negative_prompt=d.negative_prompt if negative_prompt is None else negative_prompt,
-            seed=seed,
-            num_steps=d.num_inference_steps if num_inference_steps is None else num_inference_steps,
-            height=d.height if height is None else height,
-            width=d.width if width is None else width,
-            num_frames=d.num_frames if num_frames is None else num_frames,
-            guidance_scale=d.guidance_scale if guidance_scale is None else guidance_scale,
-            cache_policy=cache_policy,
+        """Generate one video; the arguments mirror `WanPipeline.__call__`. Bad arguments raise
+        `chorus.request.RequestError` (a ValueError naming the field) before anything is computed or stored.
+        `on_step(done, total)` is called after every denoising step (reused steps count as done at once)."""
+        req = ModelLimits.from_adapter(self.adapter).complete(
+            GenerationRequest.parse(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                seed=seed,
+                num_inference_steps=num_inference_steps,
+                height=height,
+                width=width,
+                num_frames=num_frames,
+                guidance_scale=guidance_scale,
+                cache_policy=cache_policy,
+            )
         )
-        req.validate()
-        self.adapter.check_size(req.height, req.width, req.num_frames)
         with self._lock:
             return self._generate(req, progress, on_step, request_id)
 

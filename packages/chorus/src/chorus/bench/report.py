@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-# Every policy summary carries these (the list); the rest are extras.
+# Every policy summary carries these; the rest are extras.
 REQUIRED_FIELDS = (
     "requests",
     "wall_s",

@@ -99,18 +99,20 @@ def make_engine(tiny_adapter, embedder):
     """An engine over the tiny pipeline with a fresh in-memory cache (float32 cache unless asked otherwise)."""
     from chorus.cache import MemoryStore, RequestCache
     from chorus.engine import ChorusEngine
-    from chorus.planner import Planner, PlannerConfig
+    from chorus.planner import Planner, StageOneConfig, StageOnePlanner
 
     engines = []
 
-    def make(planner: PlannerConfig | None = None, store=None, cache_dtype=torch.float32, stage2=None, intra=None):
-        cache = RequestCache(store or MemoryStore(1 << 30), embedder.dim)
+    def make(planner=None, store=None, cache_dtype=torch.float32, intra=None, adapter=None):
+        """`planner`: a `PlannerConfig` (Chorus's planner) or a `StageOneConfig` (the stage-1 baseline)."""
+        cache = RequestCache(store if store is not None else MemoryStore(1 << 30), embedder.dim)
+        chosen = StageOnePlanner(planner) if isinstance(planner, StageOneConfig) else Planner(planner)
         engine = ChorusEngine(
-            tiny_adapter, cache, embedder, Planner(planner), cache_dtype=cache_dtype, stage2=stage2, intra_cache=intra
+            adapter or tiny_adapter, cache, embedder, chosen, cache_dtype=cache_dtype, intra_cache=intra
         )
         engines.append(engine)
         return engine
 
     yield make
-    for engine in engines:  # engines share the adapter: take their processors and hooks off again
+    for engine in engines:  # engines share the adapter: take their hooks off again
         engine.close()

@@ -34,11 +34,12 @@ def make_entry(entry_id: str, prompt: str = "p", seed: int = 0, elements: int = 
     emb /= np.linalg.norm(emb)
     meta = EntryMeta(entry_id, signature.key(), prompt, seed, emb, nbytes=0)
     trajectory = torch.from_numpy(rng.standard_normal((5, elements)).astype(np.float16))
-    return CacheEntry(meta, signature, trajectory, torch.from_numpy(rng.standard_normal(elements).astype(np.float32)))
+    final = torch.from_numpy(rng.standard_normal(elements).astype(np.float32))
+    return CacheEntry.build(meta, signature, trajectory, final, probe=trajectory[1].clone())
 
 
 def entry_bytes(elements=1000):
-    return CacheEntry.tensor_bytes(make_entry("x", elements=elements).tensors())
+    return make_entry("x", elements=elements).nbytes
 
 
 def test_memory_store_lru_eviction_keeps_budget():
@@ -88,19 +89,49 @@ def test_vector_index_is_partitioned_by_signature():
 def test_disk_store_round_trip_and_request_cache_rebuilds_index(tmp_path):
     store = DiskStore(tmp_path, budget_bytes=1 << 20)
     entry = make_entry("e1", prompt="a red circle")
-    entry.extras["attn"] = torch.arange(6.0).reshape(2, 3)
+    entry.tensors["features/cond/1/k"] = torch.arange(6.0).reshape(2, 3)
     store.put(entry)
     store.record_hit("e1", 2)
     store.close()
 
     cache = RequestCache(DiskStore(tmp_path, budget_bytes=1 << 20), embedding_dim=8)
-    match = cache.nearest(SIG.key(), entry.meta.embedding)
+    [match] = cache.nearest(SIG.key(), entry.meta.embedding)
     assert match.entry_id == "e1" and match.similarity == pytest.approx(1.0, abs=1e-5)
     loaded = cache.load("e1")
     torch.testing.assert_close(loaded.trajectory, entry.trajectory, rtol=0, atol=0)
-    torch.testing.assert_close(loaded.extras["attn"], entry.extras["attn"])
+    torch.testing.assert_close(loaded.tensors["features/cond/1/k"], entry.tensors["features/cond/1/k"])
     assert loaded.meta.hits == 1 and loaded.meta.saved_steps == 2 and loaded.signature == SIG
-    assert cache.exact(SIG.key(), "a red circle", 0) == "e1"
+    assert cache.exact(SIG.key(), "a red circle", 0) == "e1" and cache.seeds(SIG.key(), "a red circle") == {0}
+    partial = cache.load("e1", {"probe", "not stored"})  # only what is asked for (and stored) is read
+    assert set(partial.tensors) == {"probe"}
+    with pytest.raises(KeyError, match="trajectory"):
+        _ = partial.trajectory
+
+
+@pytest.mark.parametrize("kind", ["memory", "disk"])
+def test_aliases_read_their_origin_take_no_budget_and_leave_with_it(tmp_path, kind):
+    size = entry_bytes()
+    store = MemoryStore(budget_bytes=2 * size) if kind == "memory" else DiskStore(tmp_path, budget_bytes=2 * size)
+    cache = RequestCache(store, embedding_dim=8)
+    origin = make_entry("origin", prompt="a red circle")
+    cache.insert(origin)
+    alias_meta = make_entry("alias", prompt="a scarlet disc", seed=7).meta
+    alias_meta.alias_of = "origin"
+    cache.insert(CacheEntry(alias_meta, SIG))
+    assert store.nbytes == size and cache.exact(SIG.key(), "a scarlet disc", 7) == "alias"
+    loaded = cache.load("alias", {"final_latent"})
+    assert loaded.meta.entry_id == "alias" and torch.equal(loaded.final_latent, origin.final_latent)
+    if kind == "disk":  # the alias row survives a restart
+        store.close()
+        store = DiskStore(tmp_path, budget_bytes=2 * size)
+        cache = RequestCache(store, embedding_dim=8)
+        assert cache.exact(SIG.key(), "a scarlet disc", 7) == "alias"
+    cache.insert(make_entry("e1"))
+    evicted = store.put(make_entry("e2"))  # over budget: the oldest entry goes, and its alias with it
+    assert set(evicted) == {"origin", "alias"} and len(store) == 2
+    orphan = make_entry("orphan").meta
+    orphan.alias_of = "origin"  # its origin is gone: not stored
+    assert store.put(CacheEntry(orphan, SIG)) == ["orphan"]
 
 
 def test_damaged_entry_file_is_a_miss_and_is_dropped(tmp_path):

@@ -9,13 +9,13 @@ import pytest
 
 from chorus.engine import ChorusEngine
 from chorus.models import load_adapter
-from chorus.planner import PlannerConfig
+from chorus.planner import StageOneConfig
 from chorus.request import RequestError
 
 from .conftest import CFG_REQUEST, TINY, build_tiny_wan_pipeline, wan_pipeline_frames
 
-# Reuse whatever is at least this similar, 2 of 4 steps: makes hits deterministic in tests.
-ALWAYS_REUSE_HALF = PlannerConfig(stage1=((0.0, 0.5),), stage2=((0.0, 0.5),))
+# The stage-1 baseline reusing 2 of 4 steps of whatever is at least this similar: deterministic hits in tests.
+ALWAYS_REUSE_HALF = StageOneConfig(table=((0.0, 0.5),))
 
 
 @pytest.mark.parametrize("scheduler", ["euler", pytest.param("unipc", marks=pytest.mark.slow)])
@@ -38,7 +38,8 @@ def test_miss_makes_n_calls_and_stage1_hit_makes_n_minus_k1(make_engine):
     assert r.outcome == "hit" and r.k1 == 2 and r.source_id == miss.report.request_id
     assert r.transformer_calls == 4 - r.k1 == r.steps_computed
     assert r.source_prompt == "a red circle moving left" and 0 < r.similarity < 1
-    assert set(r.seconds) >= {"retrieval", "encode", "stage3", "decode"} and "stage1" not in r.seconds
+    assert set(r.seconds) >= {"retrieval", "encode", "stage1", "stage3", "decode"}
+    assert r.plan == "--cc" and r.difference == "unassessed"  # reused on similarity alone
 
 
 def test_hit_differs_from_miss_only_through_reused_steps(make_engine):

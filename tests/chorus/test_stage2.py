@@ -1,8 +1,10 @@
-"""Stage 2: prompt difference, region masks, TGAA, region-restricted computation and its cost."""
+"""Stage 2 on a tiny random Wan pipeline: the first-step comparison, region steps, TGAA, what is recorded and stored,
+and what a hit costs."""
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -10,18 +12,20 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-import chorus.stage2
-from chorus.attention import Stage2Controller, transformer_flops
+from chorus.cache import FINAL_LATENT, PROBE, TRAJECTORY
 from chorus.models.loading import load_minilm
-from chorus.planner import PlannerConfig
-from chorus.regions import MaskConfig, prompt_diff, region_mask
-from chorus.stage2 import Stage2Config
+from chorus.planner import Planner, PlannerConfig
+from chorus.regions import prompt_diff
+from chorus.stage2 import FeatureBank, FeatureKey, transformer_flops
 
 # 64x64, 5 frames: the tiny Wan VAE gives a 2x8x8 latent, patches of 2x2 give a 2x4x4 = 32-token grid.
-GRID_ARGS = dict(height=64, width=64, num_frames=5, num_inference_steps=4, guidance_scale=1.0)
-# Any match is a hit: k1 = 1, k2 = 3 of 4 steps; stage 2 is kept whatever the mask fraction.
-PLAN = PlannerConfig(stage1=((0.0, 0.25),), stage2=((0.0, 0.75),), full_stage2_mask=1.0, no_stage2_mask=1.0)
+GRID = (2, 4, 4)
+ARGS = dict(height=64, width=64, num_frames=5, num_inference_steps=4, guidance_scale=1.0)
+CFG_ARGS = {**ARGS, "guidance_scale": 5.0, "negative_prompt": "blurry"}
 SOURCE, TARGET = "a red circle moving left", "a blue circle moving left"
+# Any cached request is a candidate; on a random model the first-step predictions of two prompts differ everywhere,
+# so tests choose the region themselves (`region`) or through the threshold.
+ANY = PlannerConfig(min_similarity=-1.0)
 
 
 # FlopCounterMode has no formula for the CPU flash-attention kernel that SDPA dispatches to here; count it as
@@ -34,20 +38,20 @@ if _CPU_SDPA.default not in flop_counter.flop_registry:
         return flop_counter.sdpa_flop_count(query, key, value)
 
 
-@pytest.fixture
-def fixed_mask(monkeypatch):
-    """Replace the attention-derived mask by a chosen one, to test region reuse on its own."""
-
-    def use(mask_fn):
-        monkeypatch.setattr(chorus.stage2, "region_mask", lambda grid, *a, **k: mask_fn(grid))
-
-    return use
-
-
-def left_half(grid):
+def left_half(grid=GRID):
     mask = torch.zeros(grid, dtype=torch.bool)
     mask[:, :, : grid[2] // 2] = True
     return mask
+
+
+@pytest.fixture
+def region(monkeypatch):
+    """Make the planner's region a chosen mask, to test the region machinery on its own."""
+
+    def use(mask):
+        monkeypatch.setattr(Planner, "_region", lambda self, difference: mask.clone())
+
+    return use
 
 
 def test_prompt_diff_maps_words_to_encoder_tokens():
@@ -60,101 +64,113 @@ def test_prompt_diff_maps_words_to_encoder_tokens():
     multi = prompt_diff(tokenizer, "a cat", "a tabby cat")  # a word the encoder splits into several tokens
     pieces = [tokenizer.convert_ids_to_tokens(tokenizer("a tabby cat")["input_ids"])[t] for t in multi.changed_tokens]
     assert "".join(p.removeprefix("##") for p in pieces) == "tabby"
+    assert prompt_diff(tokenizer, "A red circle moving left!", "a red   circle moving left").is_empty
 
 
-def test_empty_prompt_difference_gives_empty_mask():
-    tokenizer, _ = load_minilm()
-    diff = prompt_diff(tokenizer, "A red circle moving left!", "a red   circle moving left")
-    assert diff.is_empty
-    q = [torch.randn(32, 2, 12)]
-    k = [torch.randn(8, 2, 12)]
-    assert not region_mask((2, 4, 4), diff, q, k, k).any()
+def test_feature_bank_names_round_trip_and_say_which_steps_are_complete():
+    k, v = torch.zeros(2, 3, 4), torch.ones(2, 3, 4)
+    tensors = {FeatureKey(1, "cond", "k"): k, FeatureKey(1, "cond", "v"): v, FeatureKey(2, "cond", "k"): k}
+    bank = FeatureBank(tensors)
+    assert FeatureBank.from_tensors({**bank.to_tensors(), "trajectory": k}) == bank
+    assert FeatureKey.parse("features/uncond/12/v") == FeatureKey(12, "uncond", "v")
+    assert FeatureKey.parse("trajectory") is None
+    assert bank.steps_for(["cond"]) == {1} and bank.steps_for(["cond", "uncond"]) == set()  # step 2 lacks its values
+    assert FeatureBank.names([2, 1], ["cond"]) == [f"features/cond/{s}/{x}" for s in (1, 2) for x in "kv"]
+    with pytest.raises(ValueError):
+        FeatureKey(1, "negative", "k")
 
 
-def test_region_mask_follows_the_cross_attention_to_changed_tokens():
-    tokenizer, _ = load_minilm()
-    diff = prompt_diff(tokenizer, SOURCE, TARGET)
-    changed = diff.changed_tokens[0]
-    grid, heads, dim, text = (2, 8, 8), 2, 16, 10
-    keys = torch.randn(text, heads, dim)
-    queries = torch.randn(math.prod(grid), heads, dim) * 0.1
-    object_tokens = torch.zeros(grid, dtype=torch.bool)
-    object_tokens[:, 2:4, 5:7] = True  # where "the blue circle" is
-    queries[object_tokens.flatten()] = keys[changed] * 3  # these video tokens attend to "blue"
-    mask = region_mask(grid, diff, [queries], [keys], [keys], MaskConfig(dilate=1, temporal_window=0))
-    assert mask[object_tokens].all()
-    assert mask.float().mean() < 0.3  # dilated by one token, not the whole frame
-    assert not mask[:, 6:, :3].any()
+def test_recording_leaves_a_miss_bit_identical_and_records_only_what_later_hits_use(make_engine, tiny_adapter):
+    from chorus.engine import ChorusEngine
+
+    off = ChorusEngine(tiny_adapter).generate(SOURCE, seed=1, **CFG_ARGS)
+    engine = make_engine(ANY)
+    miss = engine.generate(SOURCE, seed=1, **CFG_ARGS)
+    np.testing.assert_array_equal(miss.frames, off.frames)
+    # What was recorded: the keys and values of every layer, both branches, at the steps a region can cover
+    # (every step after the first), in the cache dtype; each tensor kept by reference once, then stacked.
+    cfg = tiny_adapter.transformer.config
+    layers, dim, tokens = cfg.num_layers, cfg.num_attention_heads * cfg.attention_head_dim, math.prod(GRID)
+    steps = Planner(ANY).feature_steps(4)
+    assert steps == [1, 2, 3]
+    entry = engine.cache.load(miss.report.request_id)
+    bank = entry.features
+    assert set(bank) == {FeatureKey(s, b, x) for s in steps for b in ("cond", "uncond") for x in "kv"}
+    assert bank.nbytes == len(steps) * 2 * 2 * layers * tokens * dim * 4  # float32 cache in these tests
+    assert all(t.shape == (layers, tokens, dim) for t in bank.values())
+    assert engine.hooks.run.recorder is None  # nothing is held after the request
+    assert entry.probe.shape == entry.trajectory.shape[1:]
 
 
-def test_tgaa_alpha_one_is_identity_and_alpha_biases_the_changed_tokens(tiny_adapter):
-    transformer = tiny_adapter.transformer
-    latents = torch.randn(1, 16, 2, 8, 8, generator=torch.Generator().manual_seed(0))
-    context = torch.randn(1, 12, transformer.config.text_dim, generator=torch.Generator().manual_seed(1))
-    t = torch.tensor([500.0])
-    with torch.no_grad():
-        reference = transformer(latents, t, context, return_dict=False)[0]
-    controller = Stage2Controller(transformer)
+def test_recorded_keys_are_the_ones_the_attention_used(make_engine, tiny_adapter):
+    """Region steps rely on them: the bank's keys at a step equal the model's own rotated keys there."""
+    from chorus.stage2.wan import apply_rotary_emb
+
+    engine = make_engine(ANY)
+    seen = {}
+
+    def capture(module, args, kwargs, output):
+        seen["hidden"], seen["rotary"] = args[0], args[3]
+
+    attn = tiny_adapter.transformer.blocks[1].attn1
+    step = {}
+
+    def count(module, args):
+        step["n"] = step.get("n", -1) + 1
+        if step["n"] == 2:  # the third transformer call is step 2
+            seen["armed"] = True
+
+    handles = [tiny_adapter.transformer.register_forward_pre_hook(count)]
+    handles.append(
+        attn.register_forward_hook(
+            lambda m, a, kw, o: capture(m, a, kw, o) if seen.pop("armed", False) else None, with_kwargs=True
+        )
+    )
     try:
-        rt = controller.runtime
-        rt.mode = "active"  # Chorus's processors compute, with no bias: alpha = 1
-        with torch.no_grad():
-            assert torch.equal(transformer(latents, t, context, return_dict=False)[0], reference)
-        # With a bias, each cross-attention equals softmax(QK^T / sqrt(d) + bias) V computed by hand.
-        bias = torch.zeros(12)
-        bias[3] = math.log(4.0)
-        rt.text_bias = bias
-        attn = transformer.blocks[0].attn2
-        hidden = torch.randn(1, 32, attn.inner_dim)
-        enc = torch.randn(1, 12, attn.inner_dim)
-        with torch.no_grad():
-            out = attn(hidden, enc)
-            q = attn.norm_q(attn.to_q(hidden)).unflatten(2, (attn.heads, -1)).transpose(1, 2)
-            k = attn.norm_k(attn.to_k(enc)).unflatten(2, (attn.heads, -1)).transpose(1, 2)
-            v = attn.to_v(enc).unflatten(2, (attn.heads, -1)).transpose(1, 2)
-            probs = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias).softmax(-1)
-            manual = attn.to_out[0]((probs @ v).transpose(1, 2).flatten(2))
-            plain = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
-        torch.testing.assert_close(out, manual, rtol=1e-5, atol=1e-5)
-        assert (probs[..., 3] > plain[..., 3]).all()  # amplified toward the changed token
+        result = engine.generate(SOURCE, seed=3, **ARGS)
     finally:
-        controller.remove()
-        rt.reset()
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        key = attn.norm_k(attn.to_k(seen["hidden"])).unflatten(2, (attn.heads, -1))
+        key = apply_rotary_emb(key, *seen["rotary"]).flatten(2)[0]
+    bank = engine.cache.load(result.report.request_id).features
+    torch.testing.assert_close(bank[FeatureKey(2, "cond", "k")][1], key, rtol=0, atol=1e-6)
 
 
-def test_mask_of_all_ones_equals_full_computation(make_engine, fixed_mask):
-    fixed_mask(lambda grid: torch.ones(grid, dtype=torch.bool))
-    plain = make_engine(PLAN, stage2=Stage2Config(enabled=False))
-    regional = make_engine(PLAN, stage2=Stage2Config(alpha=1.0))
-    for engine in (plain, regional):
-        engine.generate(SOURCE, seed=1, **GRID_ARGS)
-    full = plain.generate(TARGET, seed=2, **GRID_ARGS)
-    masked = regional.generate(TARGET, seed=2, **GRID_ARGS)
-    assert full.report.k1 == masked.report.k1 == 1 and masked.report.k2 == 3
-    assert masked.report.mask_fraction == 1.0 and masked.report.stage2_restricted_steps == [1, 2]
-    np.testing.assert_allclose(masked.frames, full.frames, rtol=0, atol=1e-5)
-
-
-def test_region_reuse_keeps_unmasked_tokens_on_the_source_trajectory(make_engine, fixed_mask):
-    fixed_mask(left_half)
-    engine = make_engine(PLAN, stage2=Stage2Config(alpha=2.0))
-    source = engine.generate(SOURCE, seed=1, **GRID_ARGS)
-    hit = engine.generate(TARGET, seed=2, **GRID_ARGS)
+def test_region_steps_keep_the_rest_on_the_source_trajectory(make_engine, region):
+    region(left_half())
+    engine = make_engine(ANY)
+    source = engine.generate(SOURCE, seed=1, **ARGS)
+    hit = engine.generate(TARGET, seed=2, **ARGS)
     r = hit.report
-    assert (r.k1, r.k2, r.mask_fraction, r.alpha) == (1, 3, 0.5, 2.0)
-    assert r.prompt_diff == {"changed": ["blue"], "dropped": ["red"]} and r.stage2_restricted_steps == [1, 2]
-    src = engine.cache.load(source.report.request_id).trajectory.float()
-    tgt = engine.cache.load(r.request_id).trajectory.float()
-    outside = ~engine.region_reuse.latent_mask(left_half((2, 4, 4)))[0].expand_as(src[0])
-    for step in (2, 3):  # after each stage-2 step: unmasked latents are exactly the source's
+    assert (r.outcome, r.difference, r.plan, r.mask_fraction) == ("hit", "local", "crrr", 0.5)
+    assert r.stage2_steps == [1, 2, 3] and r.prompt_diff == {"changed": ["blue"], "dropped": ["red"]}
+    assert r.source_id == source.report.request_id and r.alpha == 2.0 and r.candidates_compared == 1
+    src = engine.cache.load(source.report.request_id, {TRAJECTORY}).trajectory.float()
+    tgt = engine.cache.load(r.request_id, {TRAJECTORY}).trajectory.float()
+    outside = ~engine._latent_mask(left_half())[0].expand_as(src[0])
+    assert not torch.equal(tgt[1], src[1])  # the first step is the request's own, from its own noise
+    for step in (2, 3, 4):  # after each region step: outside the region, exactly the source's latent
         assert torch.equal(tgt[step][outside], src[step][outside])
-        assert not torch.equal(tgt[step][~outside], src[step][~outside])  # the masked half was recomputed
-    assert not torch.equal(tgt[4][outside], src[4][outside])  # stage 3 recomputes everything
+        assert not torch.equal(tgt[step][~outside], src[step][~outside])  # inside, recomputed
 
 
-def test_stage2_step_work_shrinks_with_the_mask_fraction(make_engine, fixed_mask, tiny_adapter):
-    flops_per_call = []
-    counter = {}
+def test_a_region_of_every_token_computes_what_a_full_step_would(make_engine, region):
+    """Region steps are full steps restricted: with every token in the region, the source's keys and values are all
+    replaced by the request's own, and the result equals computing every step in full."""
+    region(torch.ones(GRID, dtype=torch.bool))
+    engine = make_engine(PlannerConfig(min_similarity=-1.0, max_region=1.0, alpha=1.0))
+    engine.generate(SOURCE, seed=1, **ARGS)
+    hit = engine.generate(TARGET, seed=2, **ARGS)
+    assert hit.report.plan == "crrr" and hit.report.mask_fraction == 1.0
+    full = engine.generate(TARGET, seed=2, cache_policy="off", **ARGS)
+    np.testing.assert_allclose(hit.frames, full.frames, rtol=0, atol=1e-5)
+
+
+def transformer_flops_counted(transformer, run):
+    """FLOPs of every transformer call made by `run()`, counted by torch, one list entry per call."""
+    per_call, counter = [], {}
 
     def start(module, args):
         counter["mode"] = FlopCounterMode(display=False)
@@ -162,45 +178,174 @@ def test_stage2_step_work_shrinks_with_the_mask_fraction(make_engine, fixed_mask
 
     def stop(module, args, output):
         counter["mode"].__exit__(None, None, None)
-        flops_per_call.append(counter["mode"].get_total_flops())
+        per_call.append(counter["mode"].get_total_flops())
 
-    for fraction, mask_fn in ((0.5, left_half), (0.25, lambda g: left_half(g) & (torch.arange(g[1]) < 2)[:, None])):
-        fixed_mask(mask_fn)
-        engine = make_engine(PLAN)
-        engine.generate(SOURCE, seed=1, **GRID_ARGS)
-        handles = [tiny_adapter.transformer.register_forward_pre_hook(start)]
-        handles.append(tiny_adapter.transformer.register_forward_hook(stop))
-        try:
-            flops_per_call.clear()
-            hit = engine.generate(TARGET, seed=2, **GRID_ARGS)
-        finally:
-            for h in handles:
-                h.remove()
+    handles = [transformer.register_forward_pre_hook(start), transformer.register_forward_hook(stop)]
+    try:
+        result = run()
+    finally:
+        for h in handles:
+            h.remove()
+    return result, per_call
+
+
+def test_a_hit_computes_exactly_the_flops_its_plan_predicts(make_engine, region, tiny_adapter):
+    transformer = tiny_adapter.transformer
+    for mask, fraction in ((left_half(), 0.5), (left_half() & (torch.arange(4) < 2)[:, None], 0.25)):
+        region(mask)
+        engine = make_engine(ANY)
+        engine.generate(SOURCE, seed=1, **CFG_ARGS)
+        hit, per_call = transformer_flops_counted(transformer, partial(engine.generate, TARGET, seed=2, **CFG_ARGS))
         r = hit.report
-        assert r.mask_fraction == fraction and r.stage2_restricted_steps == [1, 2]
-        stage2_flops, full_flops = flops_per_call[0], flops_per_call[2]  # steps 1, 2 restricted; step 3 full
-        assert flops_per_call[1] == stage2_flops
-        assert full_flops == pytest.approx(r.flops_full_step, rel=0.02)
-        assert stage2_flops == pytest.approx(r.flops_stage2_step, rel=0.02)
-        # The per-token work scales with f; the fixed part (patch embedding, text and time projections) does not.
-        fixed = transformer_flops(tiny_adapter.transformer, 32, 512, 0)
-        assert (stage2_flops - fixed) / (full_flops - fixed) == pytest.approx(fraction, rel=0.15)
+        assert r.mask_fraction == fraction and r.plan == "crrr" and len(per_call) == 8  # 4 steps, 2 branches
+        assert sum(per_call) == pytest.approx(r.flops, rel=0.01)
+        assert sum(per_call[:2]) == pytest.approx(r.flops_full_step, rel=0.01)  # the first step, in full
+        assert sum(per_call[2:4]) == pytest.approx(r.flops_region_step, rel=0.01)
+        # The per-token work scales with the region; the fixed part (patch embedding, text and time projections)
+        # does not.
+        fixed = 2 * transformer_flops(transformer, 32, 512, 0)
+        assert (r.flops_region_step - fixed) / (r.flops_full_step - fixed) == pytest.approx(fraction, rel=0.15)
 
 
-def test_report_without_stage2_features_falls_back_to_full_steps(make_engine):
-    engine = make_engine(PLAN, stage2=Stage2Config(max_feature_bytes=0))  # the source records no features
-    engine.generate(SOURCE, seed=1, **GRID_ARGS)
-    hit = engine.generate(TARGET, seed=2, **GRID_ARGS)
-    assert hit.report.outcome == "hit" and hit.report.mask_fraction is None and hit.report.transformer_calls == 3
+def test_no_difference_reuses_every_later_step_and_stores_an_alias(make_engine):
+    engine = make_engine(PlannerConfig(min_similarity=-1.0, threshold=1e9))  # nothing differs
+    source = engine.generate(SOURCE, seed=1, **ARGS)
+    hit = engine.generate(TARGET, seed=2, **ARGS)
+    r = hit.report
+    assert (r.outcome, r.difference, r.plan, r.transformer_calls, r.flops) == (
+        "hit",
+        "none",
+        "c---",
+        1,
+        r.flops_full_step,
+    )
+    np.testing.assert_array_equal(hit.frames, source.frames)  # every later step was the source's
+    meta = next(m for m in engine.cache.store.metas() if m.entry_id == r.request_id)
+    assert meta.alias_of == source.report.request_id and meta.nbytes == 0
+    again = engine.generate(TARGET, seed=2, **ARGS)  # the alias serves exact repeats of its own request
+    assert again.report.outcome == "exact" and again.report.transformer_calls == 0
+    np.testing.assert_array_equal(again.frames, source.frames)
+    engine.cache.store.remove(source.report.request_id)  # the alias goes with its origin
+    assert len(engine.cache.store) == 0
 
 
-def test_combines_with_an_intra_request_cache(make_engine, fixed_mask):
+def test_a_global_difference_is_computed_in_full(make_engine):
+    engine = make_engine(PlannerConfig(min_similarity=-1.0, threshold=1e-9))  # every token differs
+    engine.generate(SOURCE, seed=1, **ARGS)
+    result = engine.generate(TARGET, seed=2, **ARGS)
+    r = result.report
+    assert (r.outcome, r.difference, r.plan, r.transformer_calls, r.mask_fraction) == ("miss", "global", "cccc", 4, 1.0)
+    off = engine.generate(TARGET, seed=2, cache_policy="off", **ARGS)
+    np.testing.assert_array_equal(result.frames, off.frames)  # nothing of the source's was used
+
+
+def test_the_same_prompt_under_a_new_seed_is_a_new_sample(make_engine):
+    engine = make_engine(PlannerConfig(min_similarity=-1.0, threshold=1e9))
+    first = engine.generate(SOURCE, seed=1, **ARGS)
+    other = engine.generate(SOURCE, seed=2, **ARGS)
+    assert other.report.outcome == "miss" and other.report.miss_reason == "a new seed for a cached prompt"
+    assert not np.array_equal(other.frames, first.frames)
+
+
+def test_the_closest_candidate_is_the_one_whose_first_step_agrees_most(make_engine, tiny_adapter):
+    engine = make_engine(PlannerConfig(min_similarity=-1.0, candidates=3, threshold=0.05, max_region=1.0))
+    a = engine.generate("a red circle moving left", seed=1, **ARGS)
+    engine.generate("a green triangle falling", seed=9, **ARGS)
+    hit = engine.generate("a red circle moving left quickly", seed=1, **ARGS)  # same noise as `a`
+    assert hit.report.candidates_compared == 2 and hit.report.source_id == a.report.request_id
+
+
+def test_an_exact_repeat_and_a_comparison_load_only_what_they_need(make_engine, region, tmp_path):
+    from chorus.cache import DiskStore
+
+    region(left_half())
+    store = DiskStore(tmp_path / "cache")
+    engine = make_engine(ANY, store=store)
+    engine.generate(SOURCE, seed=1, **ARGS)
+    loads = []
+    original = store._read
+    store._read = lambda meta, names: loads.append(None if names is None else set(names)) or original(meta, names)
+    engine.generate(SOURCE, seed=1, **ARGS)  # exact repeat
+    assert loads == [{FINAL_LATENT}]
+    loads.clear()
+    engine.generate(TARGET, seed=2, **ARGS)  # compared, then a region hit
+    assert loads[0] == {PROBE}
+    assert loads[1] == {TRAJECTORY, FINAL_LATENT, *FeatureBank.names([1, 2, 3], ["cond"])}
+
+
+def test_a_source_without_features_gives_full_steps(make_engine, region):
+    from chorus.planner import StageOneConfig
+
+    region(left_half())
+    baseline = make_engine(StageOneConfig(table=((0.0, 0.25),)))  # records no features
+    baseline.generate(SOURCE, seed=1, **ARGS)
+    engine = make_engine(ANY, store=baseline.cache.store)
+    hit = engine.generate(TARGET, seed=2, **ARGS)
+    r = hit.report
+    assert (r.outcome, r.difference, r.plan, r.transformer_calls) == ("miss", "local", "cccc", 4)
+    assert r.miss_reason == "the source has no features for its region steps"
+
+
+def test_tgaa_amplifies_the_new_words_in_region_steps_only(make_engine, region, tiny_adapter):
+    region(left_half())
+    masks = []
+    attn2 = tiny_adapter.transformer.blocks[0].attn2
+    processor = attn2.processor
+
+    def recording(attn, hidden, context=None, attention_mask=None, rotary_emb=None, **kwargs):
+        masks.append(attention_mask)
+        return processor(attn, hidden, context, attention_mask, rotary_emb, **kwargs)
+
+    attn2.processor = recording
+    try:
+        engine = make_engine(PlannerConfig(min_similarity=-1.0, alpha=4.0))
+        engine.generate(SOURCE, seed=1, **ARGS)
+        masks.clear()
+        engine.generate(TARGET, seed=2, **ARGS)
+    finally:
+        attn2.processor = processor
+    assert masks[0] is None  # the first step is the request's own, unbiased
+    blue = prompt_diff(tiny_adapter.tokenizer, SOURCE, TARGET).changed_tokens
+    for bias in masks[1:]:  # region steps: log(alpha) on the new word's tokens, nothing elsewhere
+        flat = bias.flatten()
+        assert torch.allclose(flat[blue], torch.tensor(math.log(4.0))) and flat.count_nonzero() == len(blue)
+
+
+def test_combines_with_an_intra_request_cache(make_engine, region):
     from diffusers import FirstBlockCacheConfig
 
-    fixed_mask(left_half)
-    # A threshold that never skips: the source records its features at every step, and First-Block-Cache's
-    # hooks still see the region-restricted steps' shorter token sequences (which the engine must shield them from).
-    engine = make_engine(PLAN, intra=FirstBlockCacheConfig(threshold=1e-9))
-    engine.generate(SOURCE, seed=1, **GRID_ARGS)
-    hit = engine.generate(TARGET, seed=2, **GRID_ARGS)
-    assert hit.report.stage2_restricted_steps == [1, 2] and np.isfinite(hit.frames).all()
+    region(left_half())
+    # A threshold that never skips: First-Block-Cache's hooks still see the region steps' shorter token sequences
+    # (which the engine must shield them from).
+    engine = make_engine(ANY, intra=FirstBlockCacheConfig(threshold=1e-9))
+    engine.generate(SOURCE, seed=1, **ARGS)
+    hit = engine.generate(TARGET, seed=2, **ARGS)
+    assert hit.report.stage2_steps == [1, 2, 3] and np.isfinite(hit.frames).all()
+
+
+def test_closing_the_engine_takes_every_hook_off(make_engine, tiny_adapter):
+    from diffusers.hooks import HookRegistry
+
+    engine = make_engine(ANY)
+    engine.close()
+    names = [
+        name
+        for module in tiny_adapter.transformer.modules()
+        if hasattr(module, "_diffusers_hook")
+        for name in HookRegistry.check_if_exists_or_initialize(module).hooks
+    ]
+    assert not [n for n in names if n.startswith("chorus")]
+
+
+def test_a_hit_serves_as_a_source_in_turn(make_engine, region):
+    """A region hit records the keys and values its region steps saw (the source's, with its own region's): a later
+    request can take it as its source."""
+    region(left_half())
+    engine = make_engine(PlannerConfig(min_similarity=-1.0, candidates=1))
+    engine.generate(SOURCE, seed=1, **CFG_ARGS)
+    first = engine.generate(TARGET, seed=2, **CFG_ARGS)
+    stored = engine.cache.load(first.report.request_id).features
+    assert stored.steps_for(["cond", "uncond"]) == {1, 2, 3}
+    second = engine.generate("a blue circle moving left slowly", seed=3, **CFG_ARGS)
+    assert second.report.source_id == first.report.request_id and second.report.plan == "crrr"
+    assert np.isfinite(second.frames).all()

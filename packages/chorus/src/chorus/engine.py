@@ -263,6 +263,9 @@ class ChorusEngine:
         have = bank.steps_for(run.branches)
         actions = tuple("compute" if a == "region" and i not in have else a for i, a in enumerate(plan.actions))
         plan = replace(plan, actions=actions)
+        if not plan.region_steps:
+            run.miss_reason = "the source has no features for its region steps"
+            return plan
         device = self.adapter.device
         diff = prompt_diff(
             self.adapter.tokenizer, run.source.meta.prompt, req.prompt, self.adapter.defaults.max_sequence_length
@@ -314,6 +317,8 @@ class ChorusEngine:
                     if action == "reuse":
                         latents = self._follow_source(scheduler, run, i, t, sigma, sigma_next)
                     else:
+                        if action == "region":
+                            self._reset_intra_cache()  # intra-request caches compare whole grids across steps
                         velocity = self.adapter.predict(
                             latents,
                             t,
@@ -356,7 +361,7 @@ class ChorusEngine:
 
     def _region_step(self, scheduler, run: _Run, i: int, t, latents, velocity, sigma, sigma_next) -> torch.Tensor:
         """Inside the region the model's velocity; outside, the source's, and then exactly the source's latent."""
-        self._reset_intra_cache()  # intra-request caches compare whole-grid activations across steps
+        self._reset_intra_cache()
         mask = run.latent_mask
         velocity = torch.where(mask, velocity, self._source_velocity(run, i, sigma, sigma_next, latents))
         latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
@@ -381,6 +386,7 @@ class ChorusEngine:
             report.outcome = "hit"
             report.source_id, report.source_prompt = run.source.meta.entry_id, run.source.meta.prompt
         report.mask_fraction = plan.region_fraction
+        report.miss_reason = report.miss_reason or run.miss_reason
         if plan.region_steps:
             report.prompt_diff = run.changed_words
             report.alpha = self.planner.config.alpha
@@ -457,6 +463,7 @@ class _Run:
     probe: torch.Tensor | None = None  # the clean latent predicted at the first step
     latent_mask: torch.Tensor | None = None
     changed_words: dict | None = None
+    miss_reason: str | None = None
 
 
 @contextmanager

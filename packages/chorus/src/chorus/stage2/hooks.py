@@ -16,6 +16,7 @@ the adapter opens around each transformer call (`cache_context("cond" | "uncond"
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,7 @@ from . import wan
 from .bank import FeatureBank, FeatureKey
 
 HOOK_PREFIX = "chorus_stage2"
+_instances = itertools.count()
 
 
 @dataclass
@@ -211,6 +213,8 @@ class RegionHooks:
     branch: str | None = None
 
     def __post_init__(self):
+        # Several engines may share one model (each idle while another runs): each has its own hook names.
+        self._prefix = f"{HOOK_PREFIX}.{next(_instances)}"
         self._names: list[tuple[torch.nn.Module, str]] = []
         self._register(self.transformer, _ContextHook(self), "context")
         self._register(self.transformer.patch_embedding, _SelectTokensHook(self), "select")
@@ -226,9 +230,9 @@ class RegionHooks:
         HookRegistry.check_if_exists_or_initialize(self.transformer).invalidate_child_registries_cache()
 
     def _register(self, module, hook: ModelHook, name: str) -> None:
-        registry = HookRegistry.check_if_exists_or_initialize(module)
-        registry.register_hook(hook, f"{HOOK_PREFIX}.{name}")
-        self._names.append((module, f"{HOOK_PREFIX}.{name}"))
+        full_name = f"{self._prefix}.{name}"
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, full_name)
+        self._names.append((module, full_name))
 
     @property
     def heads(self) -> int:

@@ -201,7 +201,8 @@ class ChorusEngine:
         self._describe(report, run, latents.shape)
         report.transformer_calls = self._calls - calls_before
         if run.source is not None and run.plan.is_hit:
-            self.cache.record_hit(run.plan.source_id, run.plan.steps_reused + len(run.plan.region_steps))
+            owner = run.source.meta.alias_of or run.source.meta.entry_id
+            self.cache.record_hit(owner, run.plan.steps_reused + len(run.plan.region_steps))
         if writing:
             report.stored = self._commit(report, signature, req, run, latents)
         report.total_seconds = time.perf_counter() - t_start
@@ -219,8 +220,7 @@ class ChorusEngine:
                 # The cache has this very prompt under another seed: the request asks for another sample of it.
                 report.miss_reason = "a new seed for a cached prompt"
             elif reading:
-                k = getattr(self.planner.config, "candidates", 1)
-                candidates = self.cache.nearest(report.signature_key, embedding, k=k)
+                candidates = self.cache.nearest(report.signature_key, embedding, k=self.planner.candidates)
             plan = self.planner.before(candidates, steps)
             source = None
             if plan.is_hit:  # a stage-1 plan, final already
@@ -309,16 +309,20 @@ class ChorusEngine:
         if self.hooks is not None:
             self.hooks.start(run.state)
         self._reset_intra_cache()
+        previous = "compute"
         try:
             for i in range(req.num_steps):
                 action = run.plan.actions[i]
+                if action != previous:
+                    # Intra-request caches compare a step's activations with the last computed step's: valid only
+                    # while the same tokens are computed from a latent the request itself produced.
+                    self._reset_intra_cache()
+                previous = action
                 t, sigma, sigma_next = timesteps[i], sigmas[i], sigmas[i + 1]
                 with _timed(report.seconds, "probe" if i == 0 and run.plan.probe_pending else run.plan.stage_of(i)):
                     if action == "reuse":
                         latents = self._follow_source(scheduler, run, i, t, sigma, sigma_next)
                     else:
-                        if action == "region":
-                            self._reset_intra_cache()  # intra-request caches compare whole grids across steps
                         velocity = self.adapter.predict(
                             latents,
                             t,
@@ -361,7 +365,6 @@ class ChorusEngine:
 
     def _region_step(self, scheduler, run: _Run, i: int, t, latents, velocity, sigma, sigma_next) -> torch.Tensor:
         """Inside the region the model's velocity; outside, the source's, and then exactly the source's latent."""
-        self._reset_intra_cache()
         mask = run.latent_mask
         velocity = torch.where(mask, velocity, self._source_velocity(run, i, sigma, sigma_next, latents))
         latents = scheduler.step(velocity, t, latents, return_dict=False)[0]

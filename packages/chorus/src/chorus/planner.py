@@ -88,7 +88,7 @@ class Plan:
 @dataclass(frozen=True)
 class PlannerConfig:
     min_similarity: float = 0.5  # candidates' prompt-embedding cosine at least this (a cheap pre-filter)
-    candidates: int = 4  # how many nearest cached requests the first step is compared with
+    candidates: int = 8  # how many nearest cached requests the first step is compared with
     threshold: float = 0.15  # a token differs when its mean |difference| of predicted clean latents is above this
     dilate: int = 0  # grow the region by this many tokens in height and width
     max_region: float = 0.75  # a larger region is a global difference: computed in full
@@ -119,6 +119,11 @@ class Planner:
 
     def __init__(self, config: PlannerConfig | None = None):
         self.config = config or PlannerConfig()
+
+    @property
+    def candidates(self) -> int:
+        """How many nearest cached requests to look at."""
+        return self.config.candidates
 
     def feature_steps(self, num_steps: int) -> list[int]:
         """Steps whose features a later hit can use: every step after the first, before the final computed ones."""
@@ -190,6 +195,7 @@ class StageOnePlanner:
     """Stage-1-only reuse: skip the first k1 steps by starting from the best match's latent after k1 steps."""
 
     kind = "stage1"
+    candidates = 1
 
     def __init__(self, config: StageOneConfig | None = None):
         self.config = config or StageOneConfig()

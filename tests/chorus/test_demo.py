@@ -26,9 +26,14 @@ def test_demo_prints_what_each_request_reused_and_writes_one_contact_sheet(tmp_p
     assert len(rows) == len(SEQUENCE)
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
     assert [c[1] for c in cells] == [kind for kind, _, _ in SEQUENCE]
-    # The first request has nothing to reuse; the exact repeat of it is served from the cache without a step.
-    assert cells[0][3] == "miss" and cells[0][6] == "0 / 4"
-    assert cells[3][3] == "exact" and cells[3][4] == "#1" and cells[3][6] == "4 / 0" and cells[3][7] == "0 of 4"
+    # The first request has nothing to reuse; the paraphrase (other words, another seed) and the edit recompute
+    # only their objects; the exact repeat is served from the cache without a step; the unrelated scene differs
+    # everywhere or is not even compared.
+    assert cells[0][3:8] == ["miss", "", "miss", "cccc", ""] and cells[0][8] == "100%"
+    for row in (cells[1], cells[2]):
+        assert row[3:7] == ["hit", "#1", "local", "crrr"] and 0 < int(row[8].rstrip("%")) < 100
+    assert cells[3][3:8] == ["exact", "#1", "exact", "----", ""] and cells[3][8] == "0%"
+    assert cells[4][3] == "miss" and cells[4][6] == "cccc" and cells[4][8] == "100%"
     assert "requests reused earlier work" in printed
     with Image.open(out) as sheet:  # 5 rows of 8 frames, each 32 px scaled 3x with a 2 px gap, labels on the left
         assert sheet.size == (150 + 8 * (96 + 2), 5 * (96 + 2))

@@ -77,12 +77,13 @@ def test_dilation_grows_the_region_in_height_and_width_only():
     assert mask[0, :3, :3].all() and mask.sum() == 9 and not mask[1].any()
 
 
-def test_token_difference_is_the_mean_absolute_difference_per_patch():
+def test_token_difference_is_the_largest_difference_in_each_patch():
     a = torch.zeros(3, 4, 8, 8)
     b = a.clone()
     b[:, 0:2, 0:2, 0:2] = 2.0  # one whole patch of (2, 2, 2) differs by 2 in every channel
+    b[0, 3, 7, 7] = 3.0  # one element of another patch, in one channel of three: a grazed token differs too
     d = token_difference(a, b, (2, 2, 2))
-    assert d.shape == (2, 4, 4) and d[0, 0, 0] == 2.0 and d.sum() == 2.0
+    assert d.shape == (2, 4, 4) and d[0, 0, 0] == 2.0 and d[1, 3, 3] == 1.0 and d.sum() == 3.0
 
 
 def test_plans_refuse_unknown_actions_and_wrong_lengths():

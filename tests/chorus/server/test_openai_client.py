@@ -31,7 +31,7 @@ def test_create_and_poll_then_download_gives_a_playable_mp4(client, live_server,
     assert chorus["seed"] == 11 and chorus["steps"] == 3 and chorus["num_frames"] == 5 and chorus["attempts"] == 1
     report = chorus["report"]
     assert report["request_id"] == video.id and report["num_steps"] == 3
-    assert report["steps_computed"] + report["steps_reused"] == 3
+    assert report["steps_computed"] + len(report["stage2_steps"]) + report["steps_reused"] == 3
 
     content = client.videos.download_content(video.id)
     path = tmp_path / "video.mp4"
@@ -53,7 +53,8 @@ def test_an_exact_repeat_and_a_paraphrase_reuse_the_cache(client):
     assert r1["outcome"] == "miss"
     assert r2["outcome"] == "exact" and r2["source_id"] == first.id and r2["steps_reused"] == 8
     assert r3["outcome"] == "hit" and r3["source_id"] in (first.id,) and r3["similarity"] > 0.8
-    assert r3["steps_reused"] > 0 and r3["steps_computed"] == 8 - r3["steps_reused"]
+    assert r3["steps_computed"] + len(r3["stage2_steps"]) + r3["steps_reused"] == 8 and r3["steps_saved"] > 0
+    assert r3["difference"] in ("none", "local") and len(r3["plan"]) == 8
     assert r3["source_prompt"] == "a green square moving up on a black background"
 
 

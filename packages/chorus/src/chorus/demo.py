@@ -40,32 +40,37 @@ def run(engine, sequence=SEQUENCE, steps: int | None = None) -> list[DemoRow]:
     return rows
 
 
+def work(report: dict) -> float:
+    """The share of a full run's transformer FLOPs the request computed (an exact repeat computes none)."""
+    if report["outcome"] == "exact" or not report.get("flops_full_step"):
+        return 0.0 if report["outcome"] == "exact" else 1.0
+    return report["flops"] / (report["flops_full_step"] * report["num_steps"])
+
+
 def table(rows: list[DemoRow]) -> str:
-    """A markdown table: each request's outcome, its source among the rows above, steps and calls, time."""
+    """A markdown table: each request's outcome, what differed from its source among the rows above, the plan (one
+    letter a step: c computed, r only the region, - reused), the region's share of the video, the work done, time."""
     labels = {row.report["request_id"]: f"#{i + 1}" for i, row in enumerate(rows)}
-    full = max((r.report["transformer_calls"] for r in rows if r.report["steps_reused"] == 0), default=None)
-    head = "| # | request | prompt | outcome | source | similarity | steps reused / computed | transformer calls |"
-    lines = [head + " seconds |", "|" + "---|" * 9]
+    head = "| # | request | prompt | outcome | source | difference | plan | region | work | seconds |"
+    lines = [head, "|" + "---|" * 10]
     for i, row in enumerate(rows):
         r = row.report
         source = labels.get(r["source_id"], r["source_id"] or "")
-        similarity = f"{r['similarity']:.2f}" if r["similarity"] is not None else ""
-        calls = str(r["transformer_calls"]) + (f" of {full}" if full else "")
+        region = f"{r['mask_fraction']:.0%}" if r["mask_fraction"] is not None else ""
         lines.append(
-            f"| {i + 1} | {row.kind} | {row.prompt} (seed {row.seed}) | {r['outcome']} | {source} | {similarity} | "
-            f"{r['steps_reused']} / {r['steps_computed']} | {calls} | {r['total_seconds']:.2f} |"
+            f"| {i + 1} | {row.kind} | {row.prompt} (seed {row.seed}) | {r['outcome']} | {source} | "
+            f"{r['difference']} | {r['plan']} | {region} | {work(r):.0%} | {r['total_seconds']:.2f} |"
         )
     return "\n".join(lines)
 
 
 def summary(rows: list[DemoRow]) -> str:
     reports = [row.report for row in rows]
-    computed = sum(r["steps_computed"] for r in reports)
-    total = sum(r["num_steps"] for r in reports)
     hits = sum(r["outcome"] in ("hit", "exact") for r in reports)
+    done = sum(work(r) for r in reports) / len(reports)
     return (
-        f"{hits} of {len(rows)} requests reused earlier work; {computed} of {total} denoising steps computed "
-        f"({total - computed} saved)"
+        f"{hits} of {len(rows)} requests reused earlier work; together they computed {done:.0%} of the transformer "
+        "work of computing each in full"
     )
 
 

@@ -89,7 +89,7 @@ class Plan:
 class PlannerConfig:
     min_similarity: float = 0.5  # candidates' prompt-embedding cosine at least this (a cheap pre-filter)
     candidates: int = 8  # how many nearest cached requests the first step is compared with
-    threshold: float = 0.15  # a token differs when its mean |difference| of predicted clean latents is above this
+    threshold: float = 0.3  # a token differs where its predicted clean latents differ by more than this
     dilate: int = 0  # grow the region by this many tokens in height and width
     max_region: float = 0.75  # a larger region is a global difference: computed in full
     final_compute: float = 0.0  # share of the steps at the end computed in full on every hit (stage 3)
@@ -107,9 +107,11 @@ class PlannerConfig:
 
 
 def token_difference(target_x0: torch.Tensor, source_x0: torch.Tensor, patch_size) -> torch.Tensor:
-    """Mean absolute difference of two predicted clean latents `[C, F, H, W]` per latent token `[F', H', W']`."""
+    """How much two predicted clean latents `[C, F, H, W]` differ in each latent token `[F', H', W']`: the largest
+    mean-over-channels absolute difference among its elements. The largest, not the mean: a token the source's
+    object only grazes must be recomputed, or the object's edge stays in the new video."""
     diff = (target_x0.float() - source_x0.to(target_x0.device).float()).abs().mean(0)
-    return F.avg_pool3d(diff[None, None], tuple(patch_size))[0, 0]
+    return F.max_pool3d(diff[None, None], tuple(patch_size))[0, 0]
 
 
 class Planner:

@@ -31,10 +31,11 @@ GRIDS: dict[str, dict[str, Policy]] = {
     # how different a token's first-step prediction may be and still be the source's, and what a hit may cover
     "planner": {
         "default": _variant(),
-        "threshold-0.05": _variant(threshold=0.05),
-        "threshold-0.1": _variant(threshold=0.1),
+        "threshold-0.15": _variant(threshold=0.15),
         "threshold-0.2": _variant(threshold=0.2),
-        "threshold-0.3": _variant(threshold=0.3),
+        "threshold-0.4": _variant(threshold=0.4),
+        "threshold-0.5": _variant(threshold=0.5),
+        "threshold-0.7": _variant(threshold=0.7),
         "dilate-1": _variant(dilate=1),
         "max-region-0.5": _variant(max_region=0.5),
         "max-region-0.9": _variant(max_region=0.9),

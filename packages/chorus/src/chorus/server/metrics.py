@@ -46,7 +46,11 @@ class Metrics:
             "chorus_cache_hits", "Jobs that reused a cached request (a stage-1 hit or an exact repeat)", registry=r
         )
         self.cache_misses = Counter("chorus_cache_misses", "Jobs that found nothing to reuse in the cache", registry=r)
-        self.steps_saved = Counter("chorus_steps_saved", "Denoising steps skipped by reuse", registry=r)
+        self.steps_saved = Counter(
+            "chorus_steps_saved",
+            "Denoising steps' work saved by reuse (reused steps and the region steps' untouched tokens)",
+            registry=r,
+        )
         self.steps_computed = Counter("chorus_steps_computed", "Denoising steps computed", registry=r)
         self.seconds_saved = Counter("chorus_seconds_saved", "Estimated generation seconds saved by reuse", registry=r)
 
@@ -67,7 +71,7 @@ class Metrics:
             self.cache_hits.inc()
         elif outcome == "miss":
             self.cache_misses.inc()
-        self.steps_saved.inc(report["steps_reused"])
+        self.steps_saved.inc(report["steps_saved"])
         self.steps_computed.inc(report["steps_computed"])
         self.seconds_saved.inc(max(0.0, report.get("seconds_saved_estimate") or 0.0))
 

@@ -61,12 +61,18 @@ function reuseText(video) {
   switch (report.outcome) {
     case "exact":
       return ["exact", `Exact repeat of ${source}: all ${report.num_steps} steps reused, nothing denoised`];
-    case "hit":
-      return ["hit", `Reused ${source}, similarity ${report.similarity.toFixed(3)}: ` +
-        `${report.steps_reused} of ${report.num_steps} steps saved${saved}`];
+    case "hit": {
+      const region = report.difference === "local"
+        ? `recomputed only the ${(100 * report.mask_fraction).toFixed(0)}% of the video that differs`
+        : "nothing differed after the first step";
+      return ["hit", `Reused ${source}, similarity ${report.similarity.toFixed(3)}: ${region} ` +
+        `(plan ${report.plan}), ${report.steps_saved.toFixed(1)} of ${report.num_steps} steps' work saved${saved}`];
+    }
     case "miss": {
       const nearest = report.similarity != null ? ` (nearest similarity ${report.similarity.toFixed(3)})` : "";
-      return ["miss", `No cached request reused${nearest}: ${report.steps_computed} steps computed`];
+      const why = report.difference === "global" ? ": most of the video differs from every cached one"
+        : report.miss_reason ? `: ${report.miss_reason}` : "";
+      return ["miss", `No cached request reused${nearest}${why}; ${report.steps_computed} steps computed`];
     }
     default:
       return ["off", "Cache off: computed in full"];

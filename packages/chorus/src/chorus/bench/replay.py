@@ -68,6 +68,9 @@ class BenchSettings:
 @dataclass
 class RequestRecord:
     index: int
+    request_id: str | None
+    source_id: str | None
+    topic: int
     kind: str
     attribute: str | None  # what an edit changed (from the trace)
     outcome: str
@@ -106,6 +109,9 @@ def alignment_points(prompt: str, frames: np.ndarray) -> float | None:
 def _record(i: int, req: TraceRequest, report: dict, service: float, frames, reference) -> RequestRecord:
     return RequestRecord(
         index=i,
+        request_id=report.get("request_id"),
+        source_id=report.get("source_id"),
+        topic=req.topic,
         kind=req.kind,
         attribute=req.attribute,
         outcome=report["outcome"],
@@ -322,6 +328,14 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def _same_topic(records: list[RequestRecord]) -> float | None:
+    """Of the hits other than exact repeats, the share whose source is a request of the same topic (a retrieval
+    precision the engine cannot see: only the trace knows the topics)."""
+    topic_of = {r.request_id: r.topic for r in records if r.request_id}
+    hits = [r for r in records if r.outcome == "hit" and r.source_id in topic_of]
+    return sum(topic_of[r.source_id] == r.topic for r in hits) / len(hits) if hits else None
+
+
 def summarize_policy(policy: Policy, trace: list[TraceRequest], records: list[RequestRecord], steps: int) -> dict:
     service = [r.service_s for r in records]
     latencies = queue_latencies(trace, service)
@@ -356,6 +370,7 @@ def summarize_policy(policy: Policy, trace: list[TraceRequest], records: list[Re
         "differences_by_kind": {
             k: dict(Counter(r.difference for r in records if r.kind == k)) for k in sorted({r.kind for r in records})
         },
+        "hits_from_the_same_topic": _same_topic(records),
         "service_by_difference": {
             d: _mean(r.service_s for r in records if r.difference == d) for d in sorted({r.difference for r in records})
         },

@@ -190,5 +190,7 @@ def decisions(report: dict) -> str:
             f"{kind}: " + ", ".join(f"{d} {n}" for d, n in sorted(counts.items())) for kind, counts in by_kind.items()
         )
         service = ", ".join(f"{d} {1000 * t:.0f}" for d, t in (p.get("service_by_difference") or {}).items())
-        lines.append(f"- `{name}`: {cells}. Service ms: {service}.")
+        same = p.get("hits_from_the_same_topic")
+        topic = f" Hits whose source is of the same topic: {same:.0%}." if same is not None else ""
+        lines.append(f"- `{name}`: {cells}. Service ms: {service}.{topic}")
     return "\n".join(lines) or "(no policy reused anything)"

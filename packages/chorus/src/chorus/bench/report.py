@@ -192,5 +192,7 @@ def decisions(report: dict) -> str:
         service = ", ".join(f"{d} {1000 * t:.0f}" for d, t in (p.get("service_by_difference") or {}).items())
         same = p.get("hits_from_the_same_topic")
         topic = f" Hits whose source is of the same topic: {same:.0%}." if same is not None else ""
-        lines.append(f"- `{name}`: {cells}. Service ms: {service}.{topic}")
+        overhead = p.get("computed_overhead")
+        cost = f" Requests computed in full cost {overhead:+.1%} over `none`." if overhead is not None else ""
+        lines.append(f"- `{name}`: {cells}. Service ms: {service}.{topic}{cost}")
     return "\n".join(lines) or "(no policy reused anything)"

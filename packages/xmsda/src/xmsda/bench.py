@@ -244,15 +244,9 @@ class _Module(MSDeformAttn):
         self, value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights
     ):
         if self.fuse_locations:
-            return ms_deform_attn_offsets(
-                value,
-                spatial_shapes,
-                level_start_index,
-                reference_points,
-                sampling_offsets,
-                attention_weights,
-                deterministic=True if self.variant == "xmsda-deterministic" else None,
-            )
+            deterministic = True if self.variant == "xmsda-deterministic" else None
+            tensors = (value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights)
+            return ms_deform_attn_offsets(*tensors, deterministic=deterministic)
         loc = locations_from_offsets(reference_points, sampling_offsets, spatial_shapes)
         return self.attend(value, spatial_shapes, level_start_index, loc, attention_weights)
 

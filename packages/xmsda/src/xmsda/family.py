@@ -38,12 +38,29 @@ class OpFamily:
 
     name: str
     points: tuple[str, ...]
+    check: Callable
     forward: object
     backward: object
     double_backward: object
 
     def __call__(self, *tensors, backend=None, deterministic=None):
+        """The forward op on `tensors` (value, spatial_shapes, level_start_index, *points), checked first, and on
+        float32 inputs under autocast (`autocast_to_float32`)."""
+        tensors = autocast_to_float32(*tensors)
+        self.check(*tensors)
         return self.forward(*tensors, backend=backend, deterministic=deterministic)
+
+
+def autocast_to_float32(*tensors):
+    """Under autocast (torch.autocast on the tensors' device) the op runs on float32 inputs, as the registered ops do
+    for callers of torch.ops (`torch.library.register_autocast` below): autocast hands it bfloat16/float16
+    projections next to float32 reference points and locations, and locations need float32 anyway (in bfloat16 a
+    location on a 167-pixel-wide map is off by up to a third of a pixel). The output is float32; the next autocast
+    op casts it."""
+    device_type = tensors[0].device.type if isinstance(tensors[0], torch.Tensor) else None
+    if not (device_type and torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return tensors
+    return tuple(t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
 
 
 def _split(points):
@@ -65,39 +82,29 @@ def define_family(name: str, points: tuple[str, ...], check: Callable) -> OpFami
     args = ", ".join(f"Tensor {t}" for t in tensors)
     loc_name = points[-2]
 
-    def forward_impl(value, spatial_shapes, level_start_index, *point_tensors, backend=None, deterministic=None):
+    def prepare(value, spatial_shapes, level_start_index, *point_tensors):
         # Checked here too: callers of torch.ops.xmsda.* skip the Python wrappers, and the kernels trust these bounds.
         check(value, spatial_shapes, level_start_index, *point_tensors)
-        levels = _levels(value, spatial_shapes, level_start_index)
-        return backends.select(backend, value.device).forward(value, levels, *_split(point_tensors))
+        return _levels(value, spatial_shapes, level_start_index), _split(point_tensors)
 
-    def backward_impl(
-        grad_output, value, spatial_shapes, level_start_index, *point_tensors, backend=None, deterministic=None
-    ):
-        check(value, spatial_shapes, level_start_index, *point_tensors)
-        loc, ref, attn = _split(point_tensors)
+    def forward_impl(value, spatial_shapes, level_start_index, *point_tensors, backend=None, deterministic=None):
+        levels, points = prepare(value, spatial_shapes, level_start_index, *point_tensors)
+        return backends.select(backend, value.device).forward(value, levels, *points)
+
+    def backward_impl(grad_output, *inputs, backend=None, deterministic=None):
+        levels, (loc, ref, attn) = prepare(*inputs)
+        value = inputs[0]
         validation.check_grad_output(grad_output, value, loc)
-        levels = _levels(value, spatial_shapes, level_start_index)
         if deterministic is None:
             deterministic = torch.are_deterministic_algorithms_enabled()
         chosen = backends.select(backend, value.device)
         return chosen.backward(grad_output, value, levels, loc, ref, attn, deterministic)
 
-    def double_backward_impl(
-        grad_grad_value,
-        grad_grad_loc,
-        grad_grad_attn,
-        grad_output,
-        value,
-        spatial_shapes,
-        level_start_index,
-        *point_tensors,
-    ):
-        check(value, spatial_shapes, level_start_index, *point_tensors)
-        levels = _levels(value, spatial_shapes, level_start_index)
-        return _double_backward(
-            (grad_grad_value, grad_grad_loc, grad_grad_attn), grad_output, value, levels, point_tensors
-        )
+    def double_backward_impl(grad_grad_value, grad_grad_loc, grad_grad_attn, grad_output, *inputs):
+        levels, _ = prepare(*inputs)
+        value, _, _, *point_tensors = inputs
+        cotangents = (grad_grad_value, grad_grad_loc, grad_grad_attn)
+        return _double_backward(cotangents, grad_output, value, levels, point_tensors)
 
     forward = torch.library.custom_op(
         f"xmsda::{name}", forward_impl, mutates_args=(), schema=f"({args}, {_OPTIONS}) -> Tensor"
@@ -127,17 +134,8 @@ def define_family(name: str, points: tuple[str, ...], check: Callable) -> OpFami
         return tuple(torch.empty_like(t) for t in (value, point_tensors[-2], point_tensors[-1]))
 
     @double_backward.register_fake
-    def _(
-        grad_grad_value,
-        grad_grad_loc,
-        grad_grad_attn,
-        grad_output,
-        value,
-        spatial_shapes,
-        level_start_index,
-        *point_tensors,
-    ):
-        return tuple(torch.empty_like(t) for t in (grad_output, value, *point_tensors))
+    def _(grad_grad_value, grad_grad_loc, grad_grad_attn, grad_output, value, *levels_and_points):
+        return tuple(torch.empty_like(t) for t in (grad_output, value, *levels_and_points[2:]))
 
     def setup_context(ctx, inputs, keyword_only_inputs, output):
         ctx.save_for_backward(*inputs)
@@ -179,7 +177,7 @@ def define_family(name: str, points: tuple[str, ...], check: Callable) -> OpFami
     backward.register_autograd(second_order, setup_context=backward_setup_context)
     for device_type in ("cpu", "cuda"):
         torch.library.register_autocast(forward, device_type, torch.float32)
-    return OpFamily(name, points, forward, backward, double_backward)
+    return OpFamily(name, points, check, forward, backward, double_backward)
 
 
 def _double_backward(cotangents, grad_output, value, levels, point_tensors):

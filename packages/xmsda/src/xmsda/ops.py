@@ -8,8 +8,6 @@ computed in float32 and returned in their own dtype. Semantics, limits and backe
 
 from __future__ import annotations
 
-import torch
-
 from .family import define_family
 from .reference import locations_from_offsets, offset_normalizer
 from .validation import check_inputs, check_offset_inputs
@@ -39,19 +37,10 @@ def ms_deform_attn(
             avoids atomics); None follows `torch.use_deterministic_algorithms`.
 
     Returns:
-        `[N, Q, M*D]` in the dtype of `value` (float32 under autocast, see `_autocast_to_float32`).
+        `[N, Q, M*D]` in the dtype of `value` (float32 under autocast, see `family.autocast_to_float32`).
     """
-    value, sampling_locations, attention_weights = _autocast_to_float32(value, sampling_locations, attention_weights)
-    check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    return LOCATIONS(
-        value,
-        spatial_shapes,
-        level_start_index,
-        sampling_locations,
-        attention_weights,
-        backend=backend,
-        deterministic=deterministic,
-    )
+    tensors = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return LOCATIONS(*tensors, backend=backend, deterministic=deterministic)
 
 
 def ms_deform_attn_offsets(
@@ -78,29 +67,5 @@ def ms_deform_attn_offsets(
         `[N, Q, M*D]` in the dtype of `value` (float32 under autocast); differentiable in value, reference_points,
         sampling_offsets and attention_weights.
     """
-    value, reference_points, sampling_offsets, attention_weights = _autocast_to_float32(
-        value, reference_points, sampling_offsets, attention_weights
-    )
-    check_offset_inputs(value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights)
-    return OFFSETS(
-        value,
-        spatial_shapes,
-        level_start_index,
-        reference_points,
-        sampling_offsets,
-        attention_weights,
-        backend=backend,
-        deterministic=deterministic,
-    )
-
-
-def _autocast_to_float32(*tensors):
-    """Under autocast (torch.autocast on the tensors' device) the op runs on float32 inputs, as the registered ops do
-    for callers of torch.ops (`torch.library.register_autocast` in family.py): autocast hands it bfloat16/float16
-    projections next to float32 reference points and locations, and locations need float32 anyway (in bfloat16 a
-    location on a 167-pixel-wide map is off by up to a third of a pixel). The output is float32; the next autocast
-    op casts it."""
-    device_type = tensors[0].device.type if isinstance(tensors[0], torch.Tensor) else None
-    if not (device_type and torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
-        return tensors
-    return tuple(t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+    tensors = (value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights)
+    return OFFSETS(*tensors, backend=backend, deterministic=deterministic)

@@ -31,6 +31,17 @@ import triton.language as tl
 
 
 @triton.jit
+def _query_block(Q, M, D, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's image n and head m (grid axis 1), its block of queries (grid axis 0) as n * Q + q with their
+    mask, and the channels with theirs."""
+    nm = tl.program_id(1).to(tl.int64)
+    n = nm // M
+    q = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    d = tl.arange(0, BLOCK_D)
+    return n, nm % M, n * Q + q, q < Q, d, d < D
+
+
+@triton.jit
 def _pixel(loc, size):
     """The pixel coordinate of a normalised location, rounded as the CPU reference (ATen's grid_sample) gets it: the
     grid 2*loc - 1, then fma(grid + 1, size / 2, -1/2). Points on pixel centres then land in the same cell."""
@@ -139,14 +150,7 @@ def forward_kernel(
 ):
     """out[n, q, m, :] = sum over (l, p) of the attention weight times the bilinear sample of value[n, :, m, :]."""
     CT = out_ptr.dtype.element_ty
-    nm = tl.program_id(1).to(tl.int64)
-    n = nm // M
-    m = nm % M
-    q = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_mask = q < Q
-    nq = n * Q + q
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < D
+    n, m, nq, q_mask, d, d_mask = _query_block(Q, M, D, BLOCK_Q, BLOCK_D)
     head = value_ptr + n * S * M * D + m * D
     acc = tl.zeros((BLOCK_Q, BLOCK_D), CT)
     for lvl in range(L):
@@ -197,14 +201,7 @@ def backward_kernel(
     grid of (H + 1) x (W + 1) cells that starts at cell_starts[l]; NOT_SAMPLED = N * CELLS * M, after every bucket,
     for a point not sampled), from which `value_grad_kernel` makes the value gradient."""
     CT = grad_loc_ptr.dtype.element_ty
-    nm = tl.program_id(1).to(tl.int64)
-    n = nm // M
-    m = nm % M
-    q = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_mask = q < Q
-    nq = n * Q + q
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < D
+    n, m, nq, q_mask, d, d_mask = _query_block(Q, M, D, BLOCK_Q, BLOCK_D)
     value = value_ptr + n * S * M * D + m * D
     grad_value = grad_value_ptr + n * S * M * D + m * D
     tile = (nq * M + m)[:, None] * D + d[None, :]
@@ -218,97 +215,23 @@ def backward_kernel(
                 loc_ptr, ref_ptr, attn_ptr, nq, q_mask, m, lvl, p, H, W, M, L, P, HAS_REF, CT
             )
             weights = weights_ptr + 4 * pidx
-            s1 = _corner_backward(
-                value,
-                grad_value,
-                weights,
-                g,
-                d,
-                d_mask,
-                q_mask,
-                M * D,
-                h0,
-                w0,
-                lh,
-                lw,
-                a,
-                valid,
-                H,
-                W,
-                start,
-                0,
-                0,
-                ATOMIC,
-            )
-            s2 = _corner_backward(
-                value,
-                grad_value,
-                weights,
-                g,
-                d,
-                d_mask,
-                q_mask,
-                M * D,
-                h0,
-                w0,
-                lh,
-                lw,
-                a,
-                valid,
-                H,
-                W,
-                start,
-                0,
-                1,
-                ATOMIC,
-            )
-            s3 = _corner_backward(
-                value,
-                grad_value,
-                weights,
-                g,
-                d,
-                d_mask,
-                q_mask,
-                M * D,
-                h0,
-                w0,
-                lh,
-                lw,
-                a,
-                valid,
-                H,
-                W,
-                start,
-                1,
-                0,
-                ATOMIC,
-            )
-            s4 = _corner_backward(
-                value,
-                grad_value,
-                weights,
-                g,
-                d,
-                d_mask,
-                q_mask,
-                M * D,
-                h0,
-                w0,
-                lh,
-                lw,
-                a,
-                valid,
-                H,
-                W,
-                start,
-                1,
-                1,
-                ATOMIC,
-            )
-            grad_attn = (1.0 - lh) * ((1.0 - lw) * s1 + lw * s2) + lh * ((1.0 - lw) * s3 + lw * s4)
-            grad_x = a * scale_x * ((1.0 - lh) * (s2 - s1) + lh * (s4 - s3))
-            grad_y = a * scale_y * ((1.0 - lw) * (s3 - s1) + lw * (s4 - s2))
+            # from s_k = <grad_out, value at corner k> (0 outside): the weight's gradient sums the bilinear weights
+            # times s_k, the pixel coordinates' their derivatives (-/+ the other fraction) times s_k
+            grad_attn = tl.zeros((BLOCK_Q,), CT)
+            grad_x = tl.zeros((BLOCK_Q,), CT)
+            grad_y = tl.zeros((BLOCK_Q,), CT)
+            for k in tl.static_range(4):
+                s = _corner_backward(
+                    value, grad_value, weights, g, d, d_mask, q_mask, M * D, h0, w0, lh, lw, a, valid, H, W, start,
+                    k // 2, k % 2, ATOMIC,
+                )  # fmt: skip
+                fy = lh if k // 2 == 1 else 1.0 - lh
+                fx = lw if k % 2 == 1 else 1.0 - lw
+                grad_attn += fy * fx * s
+                grad_x += (fy if k % 2 == 1 else -fy) * s
+                grad_y += (fx if k // 2 == 1 else -fx) * s
+            grad_x = a * scale_x * grad_x
+            grad_y = a * scale_y * grad_y
             tl.store(grad_attn_ptr + pidx, tl.where(valid, grad_attn, 0.0), mask=q_mask)
             tl.store(grad_loc_ptr + 2 * pidx, tl.where(valid, grad_x, 0.0), mask=q_mask)
             tl.store(grad_loc_ptr + 2 * pidx + 1, tl.where(valid, grad_y, 0.0), mask=q_mask)

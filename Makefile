@@ -22,7 +22,7 @@ install:
 
 demo: $(STAMP)
 	mkdir -p out
-	$(BIN)/chorus generate "a red circle moving left on a white background" --seed 0 --out out/demo.mp4
+	$(BIN)/chorus demo --out out/demo.png
 
 # The suite runs on two worker processes (pytest-xdist), each test file in one of them: most of its time is
 # single-threaded (numba compiling the kernels, servers starting). `make test TEST_WORKERS=0` runs it in one process.

@@ -110,6 +110,7 @@ def test_damaged_entry_file_is_a_miss_and_is_dropped(tmp_path):
     assert store.get("e1") is None and "e1" not in store
 
 
+@pytest.mark.slow  # a second process
 def test_disk_cache_survives_a_new_process(tmp_path, tiny_wan_dir):
     script = textwrap.dedent(
         f"""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
 from chorus.engine import ChorusEngine
 from chorus.models import load_adapter
 from chorus.planner import PlannerConfig
+from chorus.request import RequestError
 
 from .conftest import CFG_REQUEST, TINY, build_tiny_wan_pipeline, wan_pipeline_frames
 
@@ -15,7 +18,7 @@ from .conftest import CFG_REQUEST, TINY, build_tiny_wan_pipeline, wan_pipeline_f
 ALWAYS_REUSE_HALF = PlannerConfig(stage1=((0.0, 0.5),), stage2=((0.0, 0.5),))
 
 
-@pytest.mark.parametrize("scheduler", ["euler", "unipc"])
+@pytest.mark.parametrize("scheduler", ["euler", pytest.param("unipc", marks=pytest.mark.slow)])
 def test_caching_off_reproduces_wan_pipeline(tmp_path, scheduler):
     build_tiny_wan_pipeline(scheduler).save_pretrained(tmp_path)
     expected = wan_pipeline_frames(tmp_path)
@@ -92,26 +95,30 @@ def test_cache_policies(make_engine):
     assert refresh.report.outcome == "miss" and refresh.report.transformer_calls == 4 and len(engine.cache) == 2
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"prompt": ""}, "prompt"),
-        ({"prompt": "   "}, "prompt"),
-        ({"prompt": "x" * 5000}, "prompt"),
-        ({"num_inference_steps": 0}, "num_inference_steps"),
-        ({"height": 17}, "height"),
-        ({"width": 0}, "width"),
-        ({"num_frames": 4}, "num_frames"),
-        ({"seed": -1}, "seed"),
-        ({"guidance_scale": float("nan")}, "guidance_scale"),
-        ({"cache_policy": "sometimes"}, "cache_policy"),
-    ],
-)
-def test_bad_input_is_refused_and_leaves_the_cache_as_it_was(make_engine, kwargs, message):
+BAD_INPUT = [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "   "}, "prompt"),
+    ({"prompt": "x" * 5000}, "prompt"),
+    ({"num_inference_steps": 0}, "num_inference_steps"),
+    ({"num_inference_steps": 201}, "num_inference_steps=201: input should be less than or equal to 200"),
+    ({"height": 17}, "height"),
+    ({"width": 0}, "width"),
+    ({"num_frames": 4}, "num_frames"),
+    ({"num_frames": 85}, "num_frames=85: at most 81"),  # the model's default frame count at most
+    ({"seed": -1}, "seed"),
+    ({"guidance_scale": float("nan")}, "guidance_scale"),
+    ({"cache_policy": "sometimes"}, "cache_policy"),
+]
+
+
+def test_bad_input_is_refused_and_leaves_the_cache_as_it_was(make_engine):
     engine = make_engine()
     engine.generate("a red circle moving left", seed=1, num_inference_steps=2, guidance_scale=1.0, **TINY)
-    args = {"prompt": "a blue square", "seed": 1, "num_inference_steps": 2, "guidance_scale": 1.0, **TINY, **kwargs}
-    prompt = args.pop("prompt")
-    with pytest.raises(ValueError, match=message):
-        engine.generate(prompt, **args)
-    assert len(engine.cache) == 1
+    calls = engine._calls
+    for kwargs, message in BAD_INPUT:
+        args = {"prompt": "a blue square", "seed": 1, "num_inference_steps": 2, "guidance_scale": 1.0, **TINY, **kwargs}
+        prompt = args.pop("prompt")
+        with pytest.raises(RequestError, match=re.escape(message)) as info:
+            engine.generate(prompt, **args)
+        assert info.value.param == message.split("=")[0].split(":")[0], info.value.param
+        assert len(engine.cache) == 1 and engine._calls == calls  # nothing stored, nothing computed

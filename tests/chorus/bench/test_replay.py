@@ -47,6 +47,7 @@ def tiny_trace(tmp_path_factory):
     return write_trace(tmp_path_factory.mktemp("trace") / "tiny.jsonl", trace, cfg)
 
 
+@pytest.mark.slow  # every policy, MagCache calibration included
 def test_every_policy_runs_and_reports_every_field(short_adapter, embedder, tiny_trace, tmp_path, one_thread):
     settings = replay.BenchSettings(generate_kwargs=TINY, progress=False)
     out = run_benchmark(
@@ -69,12 +70,11 @@ def test_every_policy_runs_and_reports_every_field(short_adapter, embedder, tiny
         missing = [f for f in REQUIRED_FIELDS if f not in p or p[f] is None]
         assert not missing, (name, missing)
         assert p["requests"] == 6 and len(p["per_request"]) == 6
-        assert p["wall_s"] > 0 and p["throughput_rps"] == pytest.approx(6 / p["wall_s"])
+        assert p["wall_s"] > 0 and p["throughput_rps"] > 0 and p["latency_p50_s"] <= p["latency_p99_s"]
         assert 0 <= p["hit_rate"] <= 1 and 0 <= p["alignment"] <= 100 and p["fidelity_psnr"] > 0
-        assert p["latency_p50_s"] <= p["latency_p99_s"]
 
     none = on_disk["policies"]["none"]
-    assert none["hit_rate"] == 0 and none["speedup_vs_none"] == 1.0 and none["fidelity_psnr"] == 100.0
+    assert none["hit_rate"] == 0 and none["fidelity_psnr"] == 100.0
     assert [r["transformer_calls"] for r in none["per_request"]] == [STEPS] * 6
     assert none["transformer_calls"] == STEPS * 6
     for name in ("fbc", "taylorseer", "magcache"):  # intra-request caches skip blocks inside calls, never calls
@@ -86,6 +86,12 @@ def test_every_policy_runs_and_reports_every_field(short_adapter, embedder, tiny
     exact = out["policies"]["exact"]["per_request"]
     assert {r["outcome"] for r in exact} == {"exact", "miss"}
     assert all(r["psnr"] == 100.0 for r in exact)  # identical frames to `none`'s, served or computed
+    assert out["policies"]["exact"]["alignment"] == none["alignment"]  # the same frames score the same
+    # A served repeat does no denoising: it takes a fraction of a computed request's time. (On this tiny pipeline
+    # the misses' embedding and storing cost more than the two repeats save, so no speed-up over `none` is asserted.)
+    served = np.median([r["service_s"] for r in exact if r["outcome"] == "exact"])
+    computed = np.median([r["service_s"] for r in exact if r["outcome"] == "miss"])
+    assert served < 0.5 * computed, (served, computed)
     assert out["policies"]["chorus+best"]["intra_chosen"] in ("fbc", "taylorseer", "magcache")
     assert {p.name for p in (tmp_path / "plots").iterdir()} == {"speed_vs_alignment.png", "reuse.png"}
     table = markdown(out)

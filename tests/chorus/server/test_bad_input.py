@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chorus.engine import MAX_PROMPT_CHARS
+from chorus.request import MAX_PROMPT_CHARS
 
 from .conftest import TINY_EXTRA, TINY_JOB
 
@@ -51,13 +51,13 @@ CASES = {
     ],
     "model": [("sora-2", "not served"), ("", "not served"), (7, "not served")],
     "seconds": [
-        ("0", "seconds"),
-        ("-1", "seconds"),
+        ("0", "greater than 0"),
+        ("-1", "greater than 0"),
         ("abc", "number"),
         ("1000", "at most"),
         ("nan", "finite"),
         ("inf", "finite"),
-        (True, "number"),
+        (True, "boolean"),
         ([4], "number"),
     ],
     "size": [
@@ -71,9 +71,25 @@ CASES = {
         (16, "WIDTHxHEIGHT"),
         ("-16x16", "WIDTHxHEIGHT"),
     ],
-    "seed": [(-1, "between"), (2**63, "between"), ("abc", "integer"), (1.5, "integer"), (True, "integer")],
-    "steps": [(0, "between"), (10_000, "between"), ("x", "integer"), (2.5, "integer")],
-    "guidance_scale": [(-1, "between"), (1000, "between"), ("abc", "number"), ("nan", "finite")],
+    "seed": [
+        (-1, "greater than or equal to 0"),
+        (2**63, f"less than or equal to {2**63 - 1}"),
+        ("abc", "integer"),
+        (1.5, "integer"),
+        (True, "boolean"),
+    ],
+    "steps": [
+        (0, "greater than or equal to 1"),
+        (10_000, "less than or equal to 200"),
+        ("x", "integer"),
+        (2.5, "integer"),
+    ],
+    "guidance_scale": [
+        (-1, "greater than or equal to 0"),
+        (1000, "less than or equal to 50"),
+        ("abc", "number"),
+        ("nan", "finite"),
+    ],
     "negative_prompt": [(123, "string"), ("x" * (MAX_PROMPT_CHARS + 1), str(MAX_PROMPT_CHARS))],
     "cache_policy": [("sometimes", "reuse"), (1, "reuse"), ("", "reuse")],
     "input_reference": [("a picture", "not supported")],
@@ -104,7 +120,7 @@ def test_form_bodies_are_checked_the_same_way(http):
         http.post("/v1/videos", files={**{k: (None, v) for k, v in form.items()}, "seed": (None, "-3")}),
         400,
         "seed",
-        "between",
+        "greater than or equal to 0",
     )
     _assert_error(http.post("/v1/videos", files={"prompt": (None, "a ball"), "foo": (None, "1")}), 400, "foo")
     upload = {"prompt": (None, "a ball"), "input_reference": ("ref.png", b"\x89PNG", "image/png")}

@@ -9,8 +9,11 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from .conftest import TINY_EXTRA, TINY_JOB
+
+pytestmark = pytest.mark.slow  # load tests: `make test` runs them, `make test-fast` does not
 
 CLIENTS, PER_CLIENT = 10, 5
 

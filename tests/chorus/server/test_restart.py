@@ -8,12 +8,16 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from .conftest import TINY_JOB, ServerProcess
+
+pytestmark = pytest.mark.slow  # restart tests: `make test` runs them, `make test-fast` does not
 
 
 def _submit(url: str, prompt: str, steps: int) -> str | None:
     """The job id if the server accepted the job; None if the request failed (the server may be dying)."""
+
     try:
         body = {"prompt": prompt, "steps": steps, "guidance_scale": 1.0, **TINY_JOB}
         r = httpx.post(f"{url}/v1/videos", json=body, timeout=10)

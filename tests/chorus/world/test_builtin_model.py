@@ -18,6 +18,7 @@ UNSEEN_WORDS = "footage of a crimson pyramid drifting leftward in front of a sno
 SEED = 0
 
 
+# The generations below run the full-size built-in model: the slow tier.
 @pytest.fixture(scope="module")
 def engine():
     return evaluate.make_engine("builtin")
@@ -35,6 +36,7 @@ def test_shipped_files_and_card():
     assert (cfg.in_channels, cfg.out_channels, cfg.text_dim, cfg.image_dim) == (3, 3, 384, None)
 
 
+@pytest.mark.slow
 def test_four_step_generation_of_a_heldout_prompt_shows_its_background(engine):
     spec = prompts.parse(PROMPT)
     assert prompts.is_heldout_spec(spec)
@@ -43,6 +45,7 @@ def test_four_step_generation_of_a_heldout_prompt_shows_its_background(engine):
     assert analyzer.analyze(frames).background == spec.background
 
 
+@pytest.mark.slow
 def test_four_step_generation_of_a_heldout_prompt_passes_the_analyzer(engine):
     spec = prompts.parse(PROMPT)
     assert prompts.is_heldout_spec(spec)
@@ -50,8 +53,9 @@ def test_four_step_generation_of_a_heldout_prompt_passes_the_analyzer(engine):
     assert analyzer.alignment(spec, result) == 1.0, result.to_dict()
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(
-    strict=False,
+    strict=True,  # a model that draws the pyramid makes this pass, and the strict xfail then fails: update it
     reason="unseen synonyms are the model's main gap: 'pyramid' comes out as a circle (alignment 0.8; model card)",
 )
 def test_four_step_generation_with_unseen_words_passes_the_analyzer(engine):
@@ -60,6 +64,7 @@ def test_four_step_generation_with_unseen_words_passes_the_analyzer(engine):
     assert analyzer.alignment(spec, result) == 1.0, result.to_dict()
 
 
+@pytest.mark.slow
 def test_seeds_give_visibly_different_videos(engine):
     a = evaluate.generate(engine, PROMPT, 1, 4)
     b = evaluate.generate(engine, PROMPT, 2, 4)
@@ -67,11 +72,13 @@ def test_seeds_give_visibly_different_videos(engine):
     assert np.array_equal(a, evaluate.generate(engine, PROMPT, 1, 4))  # and the same seed the same video
 
 
+@pytest.mark.slow
 def test_layout_probe_shows_the_model_reads_objects_from_a_noisy_clip(engine):
     probe = evaluate.layout_probe(engine.adapter, n=8, sigmas=(0.5,))["0.5"]
     assert probe["object_pixel_mse"] < 0.25 * probe["background_guess_mse"]
 
 
+@pytest.mark.slow
 def test_wording_probe_places_every_held_out_synonym(engine):
     probe = evaluate.wording_probe(engine.adapter)
     heldout = {f"{a}: {w}" for a, words in prompts.vocabulary("heldout").items() for w in words}
@@ -86,6 +93,7 @@ def test_wording_probe_places_every_held_out_synonym(engine):
     assert probe["token_correct"] >= 0.75 * len(heldout)
 
 
+@pytest.mark.slow
 def test_wording_ablation_measures_each_held_out_part(engine):
     report = evaluate.wording_ablation(engine, n=6, steps=4, progress=False)
     names = ["training wordings", *(f"held-out {part}" for part in prompts.WORDING_PARTS), "all held out"]

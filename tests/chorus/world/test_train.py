@@ -6,6 +6,7 @@ import csv
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from chorus.world import prompts, train
@@ -26,6 +27,7 @@ def test_batched_encoding_matches_the_adapter():
     torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_train_resume_and_export(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     summary = train.train(straight, tiny_config(), save_every=2, progress=False)
@@ -75,6 +77,7 @@ def test_identity_init_makes_the_model_pass_its_input_through():
     assert (out - x).pow(2).mean() < 1e-3 * x.pow(2).mean()
 
 
+@pytest.mark.slow
 def test_batches_do_not_depend_on_the_number_of_loader_workers(tmp_path):
     """Batch `step` is a function of (seed, step): rendering in loader processes trains the same model."""
     in_process = train.train(tmp_path / "a", tiny_config(steps=3), progress=False)

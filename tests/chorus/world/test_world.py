@@ -74,6 +74,7 @@ def test_motion_moves_the_object():
     assert cols[0].min() == 2 and cols[-1].min() == 2 + scenes.SPEED * (scenes.NUM_FRAMES - 1)
 
 
+@pytest.mark.slow  # thousands of prompts or clips
 def test_prompts_cover_every_attribute_value():
     rng = np.random.default_rng(2)
     seen: dict[str, set] = {k: set() for k in ("colour", "shape", "motion", "background", "count", "size")}
@@ -99,6 +100,7 @@ def _words(text: str) -> str:
     return " " + " ".join(text.lower().replace(",", " ").replace(":", " ").split()) + " "
 
 
+@pytest.mark.slow  # thousands of prompts or clips
 def test_training_prompts_never_use_heldout_parts():
     rng = np.random.default_rng(3)
     heldout_words = {w for words in prompts.vocabulary("heldout").values() for w in words}
@@ -163,6 +165,7 @@ def test_paraphrases_parse_to_the_same_spec():
     assert prompts.parse("a cat playing piano") is None
 
 
+@pytest.mark.slow  # thousands of prompts or clips
 @pytest.mark.parametrize("split", ["train", "heldout"])
 def test_analyzer_is_right_on_rendered_clips(split):
     rng = np.random.default_rng(4 if split == "train" else 5)

@@ -5,40 +5,46 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sqlite3
 import sys
 from pathlib import Path
 
 from .logs import configure as configure_logging
 
+# `chorus generate`'s flags by the request field they set, so that an error names what the user typed.
+GENERATE_FLAGS = {
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance",
+    "num_frames": "--frames",
+    "negative_prompt": "--negative-prompt",
+    "height": "--height",
+    "width": "--width",
+    "seed": "--seed",
+}
+
 
 def _generate(args) -> int:
     from .engine import ChorusEngine
-    from .models import ModelNotFoundError
+    from .request import GenerationRequest, RequestError, validate
     from .video import check_output_path, write_video
 
     try:
+        request = validate(GenerationRequest, _request_fields(args))
         out = check_output_path(args.out)
-        if not args.prompt.strip():
-            raise ValueError("prompt: must be a non-empty string")
-        engine = ChorusEngine.from_pretrained(
-            args.model,
-            cache_dir=None if args.no_cache else args.cache_dir,
-            use_cache=not args.no_cache,
-            embedder=args.embedder,
-        )
-        result = engine.generate(
-            args.prompt,
-            seed=args.seed,
-            num_inference_steps=args.steps,
-            height=args.height,
-            width=args.width,
-            num_frames=args.frames,
-            guidance_scale=args.guidance,
-            negative_prompt=args.negative_prompt,
-            progress=not args.quiet,
-        )
+        cache_dir = None if args.no_cache else _check_cache_dir(args.cache_dir)
+        try:
+            engine = ChorusEngine.from_pretrained(
+                args.model, cache_dir=cache_dir, use_cache=not args.no_cache, embedder=args.embedder
+            )
+        except sqlite3.Error as exc:  # a damaged cache index
+            raise ValueError(f"--cache-dir {cache_dir}: cannot open the cache: {exc}") from None
+        result = engine.generate(**request.model_dump(), progress=not args.quiet)
         write_video(result.frames, out, fps=args.fps)
-    except (ValueError, ModelNotFoundError) as exc:
+    except RequestError as exc:
+        flag = GENERATE_FLAGS.get(exc.param, exc.param)
+        print(f"chorus generate: error: {flag}: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # ModelNotFoundError, an unwritable output or cache directory
         print(f"chorus generate: error: {exc}", file=sys.stderr)
         return 2
     report = result.report
@@ -50,6 +56,53 @@ def _generate(args) -> int:
             f"{out}: {report.outcome}{source}, {report.steps_computed}/{report.num_steps} steps computed, "
             f"{report.transformer_calls} transformer calls, {report.total_seconds:.2f}s"
         )
+    return 0
+
+
+def _request_fields(args) -> dict:
+    return {
+        "prompt": args.prompt,
+        "seed": args.seed,
+        "num_inference_steps": args.steps,
+        "height": args.height,
+        "width": args.width,
+        "num_frames": args.frames,
+        "guidance_scale": args.guidance,
+        "negative_prompt": args.negative_prompt,
+    }
+
+
+def _check_cache_dir(path: Path) -> Path:
+    from .video import check_writable_dir
+
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--cache-dir {path}: not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--cache-dir {path}: cannot create it: {exc.strerror or exc}") from None
+    check_writable_dir(path, f"--cache-dir {path}")
+    return path
+
+
+def _demo(args) -> int:
+    import torch
+
+    from . import demo
+    from .engine import ChorusEngine
+
+    if args.threads > 0:  # a small model on a shared machine: one thread is several times faster than two
+        torch.set_num_threads(args.threads)
+    try:
+        out = demo.check_sheet_path(args.out)
+        engine = ChorusEngine.from_pretrained(args.model)  # no cache_dir: an in-memory cache, empty at the start
+        rows = demo.run(engine, steps=args.steps)
+    except ValueError as exc:
+        print(f"chorus demo: error: {exc}", file=sys.stderr)
+        return 2
+    print(demo.table(rows))
+    print(f"\n{demo.summary(rows)}")
+    print(f"contact sheet (a row per request, its frames left to right): {demo.contact_sheet(rows, out)}")
     return 0
 
 
@@ -122,8 +175,13 @@ def _bench(args) -> int:
             f"chorus bench: error: unknown policy {unknown[0]!r}; known: {', '.join(known_policies())}", file=sys.stderr
         )
         return 2
-    if (args.steps is not None and args.steps < 1) or (args.limit is not None and args.limit < 1) or args.threads < 0:
-        print("chorus bench: error: --steps and --limit must be >= 1, --threads >= 0", file=sys.stderr)
+    if (
+        (args.steps is not None and args.steps < 1)
+        or (args.limit is not None and args.limit < 1)
+        or args.threads < 0
+        or args.seed_pairs < 0
+    ):
+        print("chorus bench: error: --steps and --limit must be >= 1, --threads and --seed-pairs >= 0", file=sys.stderr)
         return 2
     from .bench.replay import BenchSettings
 
@@ -141,6 +199,7 @@ def _bench(args) -> int:
             threads=args.threads or None,
             limit=args.limit,
             settings=settings,
+            seed_pairs=args.seed_pairs,
         )
     except (ValueError, ModelNotFoundError, OSError) as exc:
         print(f"chorus bench: error: {exc}", file=sys.stderr)
@@ -172,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print the generation report as JSON")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=_generate)
+
+    dem = sub.add_parser("demo", help="related prompts through one engine: what each reused; a contact sheet")
+    dem.add_argument("--model", default="builtin", help="'builtin' or a local diffusers WanPipeline directory")
+    dem.add_argument("--steps", type=int, default=None, help="denoising steps (model default if omitted)")
+    dem.add_argument("--out", type=Path, default=Path("out/demo.png"), help="the contact sheet (.png)")
+    dem.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    dem.set_defaults(func=_demo)
 
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible Videos API, metrics and a web page")
     srv.add_argument("--model", default="builtin", help="'builtin' or a local diffusers WanPipeline directory")
@@ -218,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     bch.add_argument("--frames", type=int, default=None, help="model default if omitted")
     bch.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     bch.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
+    bch.add_argument(
+        "--seed-pairs",
+        type=int,
+        default=20,
+        help="after the trace, this many of its prompts under two new seeds: how often the videos differ visibly",
+    )
     bch.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     bch.set_defaults(func=_bench)
     return parser

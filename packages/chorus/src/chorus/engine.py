@@ -1,9 +1,16 @@
 """The Chorus engine: runs each request's denoising loop and reuses the work of earlier, similar requests.
 
-A request is looked up in the cache by its prompt embedding among entries with the same generation signature.
-An exact repeat (same prompt, signature and seed) returns the stored result with no denoising. Otherwise the
-planner turns the best match's similarity into a stage plan; on a hit the loop starts from the source's latent
-after k1 steps and computes the rest. Every finished request is stored for the requests after it.
+A request goes through three phases:
+
+1. **plan**: an exact repeat (same prompt, signature and seed) is served from the cache with no denoising. Otherwise
+   the nearest cached requests by prompt embedding (same signature) are the candidates, and the planner
+   (`chorus.planner`) turns them into a plan: which steps to compute, which to take from a source, which to compute
+   only in a region. Chorus's planner decides after the first step, by comparing the model's prediction there with
+   each candidate's (what differs is what must be recomputed).
+2. **execute**: the denoising loop runs the plan. Region steps go through stage 2's hooks (`chorus.stage2`):
+   only the region's tokens are computed, and outside it the latent follows the source exactly.
+3. **commit**: the request is stored for later ones (its trajectory, its first-step prediction and the features
+   later region steps need); a request whose every later step was its source's is stored as an alias of it.
 """
 
 from __future__ import annotations
@@ -14,15 +21,17 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .attention import transformer_flops
 from .cache import (
+    FINAL_LATENT,
+    PROBE,
+    TRAJECTORY,
     CacheEntry,
     DiskStore,
     EntryMeta,
@@ -34,51 +43,16 @@ from .cache import (
 )
 from .embed import Embedder, make_embedder
 from .models import FlowVideoDiTAdapter, load_adapter
-from .planner import Planner, PlannerConfig, StagePlan
+from .planner import Plan, Planner, PlannerConfig, StageOnePlanner, token_difference
+from .regions import prompt_diff
 from .report import GenerationReport
-from .stage2 import Region, RegionReuse, Stage2Config
+from .request import GenerationRequest, ModelLimits
+from .stage2 import FeatureBank, FeatureRecorder, RegionHooks, RunState, transformer_flops
 
 log = logging.getLogger(__name__)
 
-CACHE_POLICIES = ("reuse", "refresh", "off")  # read+write; write only (compute in full); neither
-MAX_PROMPT_CHARS = 2000
-
-
-@dataclass(frozen=True)
-class Request:
-    """One generation request with every default filled in."""
-
-    prompt: str
-    negative_prompt: str
-    seed: int
-    num_steps: int
-    height: int
-    width: int
-    num_frames: int
-    guidance_scale: float
-    cache_policy: str
-
-    def validate(self) -> None:
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise ValueError("prompt: must be a non-empty string")
-        if len(self.prompt) > MAX_PROMPT_CHARS:
-            raise ValueError(f"prompt: {len(self.prompt)} characters, at most {MAX_PROMPT_CHARS}")
-        if not isinstance(self.negative_prompt, str) or len(self.negative_prompt) > MAX_PROMPT_CHARS:
-            raise ValueError(f"negative_prompt: must be a string of at most {MAX_PROMPT_CHARS} characters")
-        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed={self.seed!r}: must be an integer in [0, 2**63)")
-        if not _is_int(self.num_steps) or self.num_steps < 1:
-            raise ValueError(f"num_inference_steps={self.num_steps!r}: must be an integer >= 1")
-        if not isinstance(self.guidance_scale, int | float) or not math.isfinite(self.guidance_scale):
-            raise ValueError(f"guidance_scale={self.guidance_scale!r}: must be a finite number >= 0")
-        if self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale={self.guidance_scale!r}: must be a finite number >= 0")
-        if self.cache_policy not in CACHE_POLICIES:
-            raise ValueError(f"cache_policy={self.cache_policy!r}: expected one of {CACHE_POLICIES}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+# The request `_generate` runs: a `GenerationRequest` with the model's defaults filled in (`ModelLimits.complete`).
+Request = GenerationRequest
 
 
 @dataclass
@@ -93,9 +67,8 @@ class ChorusEngine:
         adapter: FlowVideoDiTAdapter,
         cache: RequestCache | None = None,
         embedder: Embedder | None = None,
-        planner: Planner | None = None,
+        planner: Planner | StageOnePlanner | None = None,
         cache_dtype: torch.dtype = torch.float16,
-        stage2: Stage2Config | None = None,
         intra_cache=None,
     ):
         """`intra_cache`: a `diffusers.hooks` cache config (e.g. `FirstBlockCacheConfig`) to combine with reuse
@@ -107,9 +80,8 @@ class ChorusEngine:
         self.cache = cache
         self.embedder = embedder or (make_embedder("auto", adapter) if cache is not None else None)
         self.planner = planner or Planner()
-        stage2 = stage2 or Stage2Config()
-        # Stage 2 installs Chorus's attention processors; without a cache there is nothing to reuse.
-        self.region_reuse = RegionReuse(adapter, self.planner, stage2) if cache is not None and stage2.enabled else None
+        # Without a cache there is nothing to record or reuse: the model runs with no hook of Chorus's.
+        self.hooks = RegionHooks(adapter.transformer) if cache is not None and self.planner.kind == "probe" else None
         self.cache_dtype = cache_dtype
         self._calls = 0
         self._count_handle = adapter.transformer.register_forward_pre_hook(self._count_call)
@@ -127,30 +99,25 @@ class ChorusEngine:
         embedder: str = "auto",
         planner: PlannerConfig | None = None,
         cache_dtype: torch.dtype = torch.float16,
-        stage2: Stage2Config | None = None,
         intra_cache=None,
         device: str = "cpu",
     ) -> ChorusEngine:
         """An engine for a model name or directory; a disk cache under `cache_dir`, else an in-memory one."""
         adapter = load_adapter(model, device=device)
-        cache = None
-        if use_cache:
-            policy = make_policy(eviction)
-            store = (
-                DiskStore(cache_dir, cache_bytes, policy) if cache_dir is not None else MemoryStore(cache_bytes, policy)
-            )
-            emb = make_embedder(embedder, adapter)
-            cache = RequestCache(store, emb.dim)
-            return cls(adapter, cache, emb, Planner(planner), cache_dtype, stage2, intra_cache)
-        return cls(adapter, None, None, Planner(planner), cache_dtype, intra_cache=intra_cache)
+        if not use_cache:
+            return cls(adapter, None, None, Planner(planner), cache_dtype, intra_cache)
+        policy = make_policy(eviction)
+        store = DiskStore(cache_dir, cache_bytes, policy) if cache_dir is not None else MemoryStore(cache_bytes, policy)
+        emb = make_embedder(embedder, adapter)
+        return cls(adapter, RequestCache(store, emb.dim), emb, Planner(planner), cache_dtype, intra_cache)
 
     def close(self) -> None:
-        """Take Chorus's hooks and processors off the model and close the cache store."""
+        """Take Chorus's hooks off the model and close the cache store."""
         self._count_handle.remove()
         if self.intra_cache is not None:
             self.adapter.transformer.disable_cache()
-        if self.region_reuse is not None:
-            self.region_reuse.controller.remove()
+        if self.hooks is not None:
+            self.hooks.remove()
         if self.cache is not None and hasattr(self.cache.store, "close"):
             self.cache.store.close()
 
@@ -187,23 +154,22 @@ class ChorusEngine:
         on_step: Callable[[int, int], None] | None = None,
         request_id: str | None = None,
     ) -> GenerationResult:
-        """Generate one video; the arguments mirror `WanPipeline.__call__`. Bad arguments raise ValueError
-        before anything is computed or stored. `on_step(done, total)` is called after every denoising step
-        (reused steps count as done at once), e.g. to report progress."""
-        d = self.adapter.defaults
-        req = Request(
-            prompt=prompt,
-            negative_prompt=d.negative_prompt if negative_prompt is None else negative_prompt,
-            seed=seed,
-            num_steps=d.num_inference_steps if num_inference_steps is None else num_inference_steps,
-            height=d.height if height is None else height,
-            width=d.width if width is None else width,
-            num_frames=d.num_frames if num_frames is None else num_frames,
-            guidance_scale=d.guidance_scale if guidance_scale is None else guidance_scale,
-            cache_policy=cache_policy,
+        """Generate one video; the arguments mirror `WanPipeline.__call__`. Bad arguments raise
+        `chorus.request.RequestError` (a ValueError naming the field) before anything is computed or stored.
+        `on_step(done, total)` is called after every denoising step (reused steps count as done at once)."""
+        req = ModelLimits.from_adapter(self.adapter).complete(
+            GenerationRequest.parse(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                seed=seed,
+                num_inference_steps=num_inference_steps,
+                height=height,
+                width=width,
+                num_frames=num_frames,
+                guidance_scale=guidance_scale,
+                cache_policy=cache_policy,
+            )
         )
-        req.validate()
-        self.adapter.check_size(req.height, req.width, req.num_frames)
         with self._lock:
             return self._generate(req, progress, on_step, request_id)
 
@@ -211,208 +177,286 @@ class ChorusEngine:
         t_start = time.perf_counter()
         calls_before = self._calls
         signature = self.signature(req)
-        key, steps = signature.key(), req.num_steps
         report = GenerationReport(
             request_id=request_id or new_entry_id(),
             prompt=req.prompt,
             seed=req.seed,
-            signature_key=key,
+            signature_key=signature.key(),
             outcome="off" if self.cache is None or req.cache_policy == "off" else "miss",
-            num_steps=steps,
+            num_steps=req.num_steps,
         )
-        seconds = report.seconds
         reading = report.outcome != "off" and req.cache_policy == "reuse"
         writing = report.outcome != "off"
 
-        with _timed(seconds, "retrieval"):
-            exact_id = self.cache.exact(key, req.prompt, req.seed) if reading else None
-            exact = self.cache.load(exact_id) if exact_id else None
+        with _timed(report.seconds, "retrieval"):
+            exact_id = self.cache.exact(report.signature_key, req.prompt, req.seed) if reading else None
+            exact = self.cache.load(exact_id, {FINAL_LATENT}) if exact_id else None
         if exact is not None:
             return self._serve_exact(exact, report, t_start)
 
-        with _timed(seconds, "retrieval"):
-            embedding = self.embedder.embed([req.prompt])[0] if writing else None
-            plan, source = self._plan(key, embedding, steps) if reading else (StagePlan(steps), None)
-
-        with _timed(seconds, "encode"):
-            embeds = self.adapter.encode_prompt(
-                req.prompt, req.negative_prompt, req.guidance_scale, self.adapter.defaults.max_sequence_length
-            )
-            latents = self.adapter.initial_latents(req.height, req.width, req.num_frames, req.seed)
-        passes = 2 if embeds.uncond is not None else 1
-        run = _Run(plan=plan, source=source, trajectory=[latents[0].to(self.cache_dtype)], passes=passes)
-        if source is not None:
-            # Stage 1: skip the first k1 steps by continuing from where the source stood after them.
-            run.trajectory = list(source.trajectory[: plan.k1 + 1])
-            latents = source.trajectory[plan.k1][None].to(latents.device, torch.float32)
-            if self.region_reuse is not None:
-                with _timed(seconds, "region"):
-                    run.region = self.region_reuse.prepare(source, req.prompt, embeds, plan, latents.shape)
-                if run.region is not None:
-                    run.plan = plan = self.planner.with_mask_fraction(plan, run.region.fraction)
-        if writing and self.region_reuse is not None:
-            run.capture_q, run.capture_kv = self.region_reuse.capture_steps(steps, latents.shape, passes)
-
-        latents = self._denoise(latents, embeds, req.guidance_scale, run, seconds, progress, on_step)
-
-        with _timed(seconds, "decode"):
+        run = self._plan(req, report, reading, writing)
+        latents = self._execute(req, run, report, progress, on_step)
+        with _timed(report.seconds, "decode"):
             frames = self.adapter.decode(latents).numpy()
-
-        report.k1, report.k2 = plan.k1, plan.k2
-        report.steps_reused, report.steps_computed = plan.k1, steps - plan.k1
+        self._describe(report, run, latents.shape)
         report.transformer_calls = self._calls - calls_before
-        self._report_stage2(report, run, embeds, latents.shape)
-        computing = sum(seconds.get(s, 0.0) for s in ("stage2", "stage3"))
-        if source is not None:
-            report.outcome, report.similarity = "hit", plan.similarity
-            report.source_id, report.source_prompt = source.meta.entry_id, source.meta.prompt
-            report.seconds_saved_estimate = computing / max(report.steps_computed, 1) * plan.k1
-            self.cache.record_hit(source.meta.entry_id, plan.k1)
-        elif plan.similarity is not None:
-            report.similarity = plan.similarity
+        if run.source is not None and run.plan.is_hit:
+            self.cache.record_hit(run.plan.source_id, run.plan.steps_reused + len(run.plan.region_steps))
         if writing:
-            report.stored = self._store(report, signature, req, embedding, run, latents)
+            report.stored = self._commit(report, signature, req, run, latents)
         report.total_seconds = time.perf_counter() - t_start
         log.info("generation done", extra={"report": report.to_dict()})
         return GenerationResult(frames, report)
 
-    def _plan(self, key: str, embedding: np.ndarray, steps: int) -> tuple[StagePlan, CacheEntry | None]:
-        match = self.cache.nearest(key, embedding)
-        if match is None:
-            return StagePlan(steps), None
-        plan = self.planner.plan(match.similarity, steps, match.entry_id)
-        if not plan.is_hit:
-            return plan, None
-        source = self.cache.load(match.entry_id)
-        if source is None:  # evicted or unreadable since the search: a miss
-            return StagePlan(steps, similarity=match.similarity), None
-        return plan, source
+    # ---- plan ---------------------------------------------------------------------------------------------
 
-    def _denoise(self, latents, embeds, guidance, run: _Run, seconds, progress, on_step) -> torch.Tensor:
-        plan, source, region = run.plan, run.source, run.region
+    def _plan(self, req: Request, report: GenerationReport, reading: bool, writing: bool) -> _Run:
+        steps = req.num_steps
+        with _timed(report.seconds, "retrieval"):
+            embedding = self.embedder.embed([req.prompt])[0] if writing else None
+            candidates = []
+            if reading and self.cache.seeds(report.signature_key, req.prompt):
+                # The cache has this very prompt under another seed: the request asks for another sample of it.
+                report.miss_reason = "a new seed for a cached prompt"
+            elif reading:
+                k = getattr(self.planner.config, "candidates", 1)
+                candidates = self.cache.nearest(report.signature_key, embedding, k=k)
+            plan = self.planner.before(candidates, steps)
+            source = None
+            if plan.is_hit:  # a stage-1 plan, final already
+                source = self.cache.load(plan.source_id, {TRAJECTORY})
+                if source is None:  # evicted since the search: a miss
+                    plan = Plan(steps, similarity=plan.similarity)
+        record = set(self.planner.feature_steps(steps)) if writing and self.hooks is not None else set()
+        return _Run(plan, source, candidates, embedding, record)
+
+    def _decide(self, run: _Run, req: Request, x0: torch.Tensor, embeds, report: GenerationReport) -> None:
+        """After the first step: compare its predicted clean latent with each candidate's, and plan around the
+        closest; load what the plan needs and set the hooks up for its region steps."""
+        differences, similarities = {}, {}
+        for match in run.candidates:
+            if match.similarity < self.planner.config.min_similarity:
+                continue
+            entry = self.cache.load(match.entry_id, {PROBE})
+            if entry is None or entry.probe is None:
+                continue
+            owner = entry.meta.alias_of or entry.meta.entry_id  # aliases share their origin's tensors
+            if owner in differences:
+                continue
+            differences[owner] = token_difference(x0, entry.probe, self.adapter.patch_size)
+            similarities[owner] = match.similarity
+        report.candidates_compared = len(differences)
+        plan = self.planner.after_probe(run.plan, differences, similarities)
+        if plan.is_hit:
+            names = {TRAJECTORY, FINAL_LATENT} | set(FeatureBank.names(plan.region_steps, run.branches))
+            run.source = self.cache.load(plan.source_id, names)
+            if run.source is None:
+                plan = Plan(plan.num_steps, similarity=plan.similarity)
+            elif plan.region_steps:
+                plan = self._arm_region(run, plan, req, embeds)
+        run.plan = plan
+
+    def _arm_region(self, run: _Run, plan: Plan, req: Request, embeds) -> Plan:
+        """Point the hooks at the source's features and the region; a step whose features the source lacks is
+        computed in full instead."""
+        bank = run.source.features
+        have = bank.steps_for(run.branches)
+        actions = tuple("compute" if a == "region" and i not in have else a for i, a in enumerate(plan.actions))
+        plan = replace(plan, actions=actions)
+        device = self.adapter.device
+        diff = prompt_diff(
+            self.adapter.tokenizer, run.source.meta.prompt, req.prompt, self.adapter.defaults.max_sequence_length
+        )
+        run.changed_words = diff.describe()
+        bias = None
+        alpha = self.planner.config.alpha
+        if alpha != 1.0 and diff.changed_tokens:
+            bias = torch.zeros(embeds.cond.shape[1], device=device)
+            bias[[t for t in diff.changed_tokens if t < bias.numel()]] = math.log(alpha)
+        run.state.region_steps = frozenset(plan.region_steps)
+        run.state.token_index = plan.token_mask.flatten().nonzero().flatten().to(device)
+        run.state.num_tokens = plan.token_mask.numel()
+        run.state.source = bank
+        run.state.text_bias = bias
+        run.latent_mask = self._latent_mask(plan.token_mask).to(device)
+        return plan
+
+    def _latent_mask(self, token_mask: torch.Tensor) -> torch.Tensor:
+        pt, ph, pw = self.adapter.patch_size
+        mask = token_mask.repeat_interleave(pt, 0).repeat_interleave(ph, 1).repeat_interleave(pw, 2)
+        return mask[None, None]
+
+    # ---- execute ------------------------------------------------------------------------------------------
+
+    def _execute(self, req: Request, run: _Run, report: GenerationReport, progress, on_step) -> torch.Tensor:
+        with _timed(report.seconds, "encode"):
+            embeds = self.adapter.encode_prompt(
+                req.prompt, req.negative_prompt, req.guidance_scale, self.adapter.defaults.max_sequence_length
+            )
+            latents = self.adapter.initial_latents(req.height, req.width, req.num_frames, req.seed)
+        run.branches = ("cond", "uncond") if embeds.uncond is not None else ("cond",)
+        run.trajectory = [latents[0].to(self.cache_dtype)]
+        if run.record:
+            run.state.recorder = FeatureRecorder(self.adapter.transformer.config.num_attention_heads, self.cache_dtype)
+            run.state.record_steps = frozenset(run.record)
         scheduler = self.adapter.new_scheduler()
-        scheduler.set_timesteps(plan.num_steps, device=self.adapter.device)
-        scheduler.set_begin_index(plan.k1)
+        scheduler.set_timesteps(req.num_steps, device=self.adapter.device)
         timesteps, sigmas = scheduler.timesteps, scheduler.sigmas
-        bar = tqdm(total=plan.num_steps, initial=plan.k1, desc="denoising", disable=not progress, leave=False)
+        bar = tqdm(total=req.num_steps, desc="denoising", disable=not progress, leave=False)
+        if self.hooks is not None:
+            self.hooks.start(run.state)
         self._reset_intra_cache()
         try:
-            for i in range(plan.k1, plan.num_steps):
-                t = timesteps[i]
-                restricted = (
-                    region is not None
-                    and plan.stage_of(i) == "stage2"
-                    and self.region_reuse.has_features(source, i, run.passes)
-                )
-                if self.region_reuse is not None:
-                    self.region_reuse.configure_step(
-                        i, plan, region, source, i in run.capture_q, i in run.capture_kv, restricted
-                    )
-                if restricted:
-                    self._reset_intra_cache()  # intra-request caches compare whole-grid activations across steps
-                with _timed(seconds, plan.stage_of(i)):
-                    if restricted and not region.token_mask.any():
-                        noise = None  # nothing to recompute: the step is the source's
+            for i in range(req.num_steps):
+                action = run.plan.actions[i]
+                t, sigma, sigma_next = timesteps[i], sigmas[i], sigmas[i + 1]
+                with _timed(report.seconds, "probe" if i == 0 and run.plan.probe_pending else run.plan.stage_of(i)):
+                    if action == "reuse":
+                        latents = self._follow_source(scheduler, run, i, t, sigma, sigma_next)
                     else:
-                        noise = self.adapter.predict(
-                            latents, t, embeds, guidance, step_index=i, sigma=float(sigmas[i]), num_steps=len(timesteps)
+                        velocity = self.adapter.predict(
+                            latents,
+                            t,
+                            embeds,
+                            req.guidance_scale,
+                            step_index=i,
+                            sigma=float(sigma),
+                            num_steps=req.num_steps,
                         )
-                    if restricted:
-                        # Outside the mask, follow the source: its velocity keeps multistep schedulers' history
-                        # consistent, and its next latent is taken exactly.
-                        src_now, src_next = (source.trajectory[j][None].to(latents) for j in (i, i + 1))
-                        src_velocity = (src_next - src_now) / (sigmas[i + 1] - sigmas[i]).to(latents)
-                        noise = src_velocity if noise is None else torch.where(region.latent_mask, noise, src_velocity)
-                        latents = scheduler.step(noise, t, latents, return_dict=False)[0]
-                        latents = torch.where(region.latent_mask, latents, src_next)
-                        run.restricted_steps.append(i)
-                        self._reset_intra_cache()
-                    else:
-                        latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+                        if i == 0:
+                            run.probe = (latents - float(sigma) * velocity)[0]
+                        if action == "region":
+                            latents = self._region_step(scheduler, run, i, t, latents, velocity, sigma, sigma_next)
+                        else:
+                            latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+                    if i == 0 and run.plan.probe_pending:
+                        self._decide(run, req, run.probe, embeds, report)
                 run.trajectory.append(latents[0].to(self.cache_dtype))
                 bar.update()
                 if on_step is not None:
-                    on_step(i + 1, plan.num_steps)
+                    on_step(i + 1, req.num_steps)
         finally:
             bar.close()
-            if self.region_reuse is not None:
-                run.captured = self.region_reuse.take_captured()
-                self.region_reuse.runtime.reset()
+            if self.hooks is not None:
+                self.hooks.finish()
         return latents
+
+    def _source_velocity(self, run: _Run, i: int, sigma, sigma_next, like: torch.Tensor) -> torch.Tensor:
+        now, following = (run.source.trajectory[j][None].to(like) for j in (i, i + 1))
+        return (following - now) / (sigma_next - sigma).to(like)
+
+    def _follow_source(self, scheduler, run: _Run, i: int, t, sigma, sigma_next) -> torch.Tensor:
+        """A reused step: the scheduler steps with the source's velocity (keeping multistep history consistent) and
+        the latent becomes the source's; the last one is the source's exact final latent."""
+        latents = run.source.trajectory[i][None].to(self.adapter.device, torch.float32)
+        scheduler.step(self._source_velocity(run, i, sigma, sigma_next, latents), t, latents, return_dict=False)
+        if i + 1 == run.plan.num_steps and FINAL_LATENT in run.source.tensors:
+            return run.source.final_latent.to(self.adapter.device, torch.float32)
+        return run.source.trajectory[i + 1][None].to(self.adapter.device, torch.float32)
+
+    def _region_step(self, scheduler, run: _Run, i: int, t, latents, velocity, sigma, sigma_next) -> torch.Tensor:
+        """Inside the region the model's velocity; outside, the source's, and then exactly the source's latent."""
+        self._reset_intra_cache()  # intra-request caches compare whole-grid activations across steps
+        mask = run.latent_mask
+        velocity = torch.where(mask, velocity, self._source_velocity(run, i, sigma, sigma_next, latents))
+        latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+        following = run.source.trajectory[i + 1][None].to(latents)
+        return torch.where(mask, latents, following)
 
     def _reset_intra_cache(self) -> None:
         if self.intra_cache is not None:
             self.adapter.transformer._reset_stateful_cache()
 
-    def _report_stage2(self, report: GenerationReport, run: _Run, embeds, latent_shape) -> None:
-        if run.region is None:
-            return
-        report.mask_fraction = run.region.fraction
-        report.prompt_diff = run.region.diff.describe()
-        report.alpha = self.region_reuse.config.alpha
-        report.stage2_restricted_steps = list(run.restricted_steps)
-        grid = self.region_reuse.token_grid(latent_shape)
-        tokens, text = math.prod(grid), embeds.cond.shape[1]
-        transformer = self.adapter.transformer
-        report.flops_full_step = run.passes * transformer_flops(transformer, tokens, text)
-        report.flops_stage2_step = run.passes * transformer_flops(
-            transformer, tokens, text, int(run.region.token_mask.sum())
-        )
+    # ---- report and commit --------------------------------------------------------------------------------
+
+    def _describe(self, report: GenerationReport, run: _Run, latent_shape) -> None:
+        plan = run.plan
+        report.difference, report.plan = plan.difference, plan.code
+        report.similarity = plan.similarity
+        report.k1 = plan.k1
+        report.steps_reused = plan.steps_reused
+        report.stage2_steps = plan.region_steps
+        report.steps_computed = plan.actions.count("compute")
+        if plan.is_hit:
+            report.outcome = "hit"
+            report.source_id, report.source_prompt = run.source.meta.entry_id, run.source.meta.prompt
+        report.mask_fraction = plan.region_fraction
+        if plan.region_steps:
+            report.prompt_diff = run.changed_words
+            report.alpha = self.planner.config.alpha
+        pt, ph, pw = self.adapter.patch_size
+        _, _, f, h, w = latent_shape
+        tokens, text = (f // pt) * (h // ph) * (w // pw), self.adapter.defaults.max_sequence_length
+        passes, transformer = len(run.branches), self.adapter.transformer
+        full = report.flops_full_step = passes * transformer_flops(transformer, tokens, text)
+        region = 0
+        if plan.region_steps:
+            region = report.flops_region_step = passes * transformer_flops(
+                transformer, tokens, text, len(run.state.token_index)
+            )
+        report.flops = report.steps_computed * full + len(plan.region_steps) * region
+        report.steps_saved = report.steps_reused + len(plan.region_steps) * (1.0 - region / full)
+        computing = sum(v for k, v in report.seconds.items() if k in ("probe", "stage2", "stage3"))
+        equivalents = plan.num_steps - report.steps_saved
+        report.seconds_saved_estimate = computing / equivalents * report.steps_saved if equivalents > 0 else 0.0
 
     def _serve_exact(self, entry: CacheEntry, report: GenerationReport, t_start: float) -> GenerationResult:
         with _timed(report.seconds, "decode"):
             frames = self.adapter.decode(entry.final_latent.to(self.adapter.device)).numpy()
-        report.outcome, report.similarity = "exact", 1.0
+        report.outcome = report.difference = "exact"
+        report.similarity = 1.0
         report.source_id, report.source_prompt = entry.meta.entry_id, entry.meta.prompt
-        report.k1 = report.k2 = report.steps_reused = report.num_steps
-        self.cache.record_hit(entry.meta.entry_id, report.num_steps)
+        report.k1 = report.steps_reused = report.num_steps
+        report.steps_saved = float(report.num_steps)
+        report.plan = "-" * report.num_steps
+        self.cache.record_hit(entry.meta.alias_of or entry.meta.entry_id, report.num_steps)
         report.total_seconds = time.perf_counter() - t_start
         log.info("generation done", extra={"report": report.to_dict()})
         return GenerationResult(frames, report)
 
-    @staticmethod
-    def _features_to_keep(run: _Run) -> dict[str, torch.Tensor]:
-        """This run's recorded features, plus the source's for the steps this run took from it (stage 1)."""
-        kept = dict(run.captured)
-        if run.source is not None:
-            for name, tensor in run.source.extras.items():
-                if int(name.split(".")[1]) <= run.plan.k1 and name not in kept:
-                    kept[name] = tensor
-        return kept
-
-    def _store(self, report, signature, req: Request, embedding, run: _Run, final_latent) -> bool:
+    def _commit(self, report, signature, req: Request, run: _Run, final_latent) -> bool:
         meta = EntryMeta(
             entry_id=report.request_id,
             signature_key=report.signature_key,
             prompt=req.prompt,
             seed=req.seed,
-            embedding=np.asarray(embedding, dtype=np.float32),
+            embedding=np.asarray(run.embedding, dtype=np.float32),
             nbytes=0,
         )
-        entry = CacheEntry(
-            meta=meta,
-            signature=signature,
-            trajectory=torch.stack([t.cpu() for t in run.trajectory]),
-            final_latent=final_latent.detach().float().cpu(),
-            extras=self._features_to_keep(run),
-        )
+        plan = run.plan
+        if plan.difference == "none" and plan.actions[-1] == "reuse":
+            # Every step after the first was the source's: the result is the source's final latent.
+            meta.alias_of = run.source.meta.alias_of or run.source.meta.entry_id
+            entry = CacheEntry(meta, signature)
+        else:
+            recorder = run.state.recorder
+            entry = CacheEntry.build(
+                meta,
+                signature,
+                trajectory=torch.stack([t.cpu() for t in run.trajectory]),
+                final_latent=final_latent.detach().float().cpu(),
+                probe=run.probe.to(self.cache_dtype).cpu() if run.probe is not None else None,
+                features=recorder.bank() if recorder is not None else None,
+            )
         self.cache.insert(entry)
         return report.request_id in self.cache.store
 
 
 @dataclass
 class _Run:
-    """The state of one request's denoising run."""
+    """One request's run: its plan, the source and what it recorded."""
 
-    plan: StagePlan
+    plan: Plan
     source: CacheEntry | None
-    trajectory: list[torch.Tensor]  # boundary latents, batch dimension dropped, in the cache dtype
-    passes: int  # transformer calls per step (2 under classifier-free guidance)
-    region: Region | None = None
-    capture_q: set[int] = field(default_factory=set)
-    capture_kv: set[int] = field(default_factory=set)
-    captured: dict[str, torch.Tensor] = field(default_factory=dict)
-    restricted_steps: list[int] = field(default_factory=list)
+    candidates: list
+    embedding: np.ndarray | None
+    record: set[int]
+    state: RunState = field(default_factory=RunState)
+    branches: tuple[str, ...] = ("cond",)
+    trajectory: list[torch.Tensor] = field(default_factory=list)  # boundary latents in the cache dtype
+    probe: torch.Tensor | None = None  # the clean latent predicted at the first step
+    latent_mask: torch.Tensor | None = None
+    changed_words: dict | None = None
 
 
 @contextmanager

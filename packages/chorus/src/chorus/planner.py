@@ -1,107 +1,215 @@
-"""Similarity -> stage plan: how many leading steps a request takes from its cached source.
+"""Plans: which denoising steps a request computes, which it takes from a cached source, and which it recomputes
+only in a region.
 
-A plan over N steps has three stages: steps [0, k1) are skipped by starting from the source's latent after k1
-steps (stage 1, full reuse); steps [k1, k2) are stage 2 (region reuse; computed in full until stage 2 lands);
-steps [k2, N) are stage 3, computed in full to repair the seams. Both boundaries are non-decreasing step
-functions of the similarity, given as fractions of N so that one table serves 4-step and 50-step schedules.
+A plan gives each of the N steps an action:
+
+- `compute`: the whole latent goes through the transformer;
+- `region`: only the region's tokens do, attending to the source's keys and values for the rest; outside the
+  region the latent follows the source's trajectory exactly (stage 2);
+- `reuse`: nothing is computed; the latent after the step is the source's (stage 1).
+
+`Planner` is Chorus's: it computes the request's first step from its own noise (nothing is assumed about the
+prompt), then compares the model's clean-video prediction of that step with each candidate source's at the same step.
+Where the two agree the model draws the same thing, and the source's later work is reused; where they differ is the
+region. The share of differing tokens is the kind of difference: `none` (no token differs: every later step is the
+source's), `local` (region steps, with TGAA on the tokens of the new words), `global` (above `max_region`: computed in
+full, nothing reused). The last `final_compute` share of the steps is computed in full (stage 3) on every hit.
+
+`StageOnePlanner` is the stage-1-only baseline (NIRVANA's idea): the best match's embedding similarity alone says
+how many leading steps to take from the source, through a table of (similarity, fraction of the steps).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+ACTIONS = ("compute", "region", "reuse")
+# "unassessed": reused on similarity alone (the stage-1 baseline), without looking at what differs.
+DIFFERENCES = ("exact", "none", "local", "global", "miss", "unassessed")
 
 
 @dataclass(frozen=True)
-class StagePlan:
+class Plan:
     num_steps: int
-    k1: int = 0
-    k2: int = 0
-    similarity: float | None = None
+    actions: tuple[str, ...] = ()  # per step; empty means every step is computed
     source_id: str | None = None
+    similarity: float | None = None
+    difference: str = "miss"
+    region_fraction: float | None = None
+    token_mask: torch.Tensor | None = field(default=None, compare=False, repr=False)  # bool [F', H', W']
+    probe_pending: bool = False  # the first step is computed before the plan is final
+
+    def __post_init__(self):
+        if not self.actions:
+            object.__setattr__(self, "actions", ("compute",) * self.num_steps)
+        if len(self.actions) != self.num_steps or any(a not in ACTIONS for a in self.actions):
+            raise ValueError(f"plan needs one of {ACTIONS} per step, got {self.actions}")
+        if self.difference not in DIFFERENCES:
+            raise ValueError(f"difference {self.difference!r}: expected one of {DIFFERENCES}")
 
     @property
     def is_hit(self) -> bool:
-        return self.k1 > 0
+        return self.source_id is not None and any(a != "compute" for a in self.actions)
 
     @property
-    def steps_computed(self) -> int:
-        return self.num_steps - self.k1
+    def k1(self) -> int:
+        """Leading steps taken from the source (stage 1)."""
+        return next((i for i, a in enumerate(self.actions) if a != "reuse"), self.num_steps)
+
+    @property
+    def steps_reused(self) -> int:
+        return self.actions.count("reuse")
+
+    @property
+    def region_steps(self) -> list[int]:
+        return [i for i, a in enumerate(self.actions) if a == "region"]
+
+    @property
+    def source_steps(self) -> list[int]:
+        """Steps that read the source's trajectory (reused or region steps)."""
+        return [i for i, a in enumerate(self.actions) if a != "compute"]
 
     def stage_of(self, step: int) -> str:
-        return "stage1" if step < self.k1 else "stage2" if step < self.k2 else "stage3"
+        return {"reuse": "stage1", "region": "stage2", "compute": "stage3"}[self.actions[step]]
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    @property
+    def code(self) -> str:
+        """The actions in short, for reports: `c` compute, `r` region, `-` reuse (e.g. `crrr`, `--cc`)."""
+        return "".join({"compute": "c", "region": "r", "reuse": "-"}[a] for a in self.actions)
 
 
-# (similarity threshold, fraction of the steps), highest threshold first. Calibrated for all-MiniLM-L6-v2
-# cosine similarities, under which paraphrases score far lower than under CLIP (NIRVANA's 0.65..0.95 table).
-DEFAULT_STAGE1 = ((0.95, 0.50), (0.90, 0.40), (0.85, 0.30), (0.80, 0.25))
-DEFAULT_STAGE2 = ((0.95, 0.75), (0.90, 0.65), (0.85, 0.55), (0.80, 0.50))
+# ---- Chorus's planner ----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class PlannerConfig:
-    stage1: tuple[tuple[float, float], ...] = DEFAULT_STAGE1
-    stage2: tuple[tuple[float, float], ...] = DEFAULT_STAGE2
-    min_steps_computed: int = 1  # stage 3 never vanishes: the target prompt must shape the final steps
-    # Stage 2 shrinks linearly from its full length at mask fraction `full_stage2_mask` to nothing at
-    # `no_stage2_mask`: a large mask leaves little to reuse, and its seams would cover most of the video.
-    full_stage2_mask: float = 0.25
-    no_stage2_mask: float = 0.60
+    min_similarity: float = 0.5  # candidates' prompt-embedding cosine at least this (a cheap pre-filter)
+    candidates: int = 4  # how many nearest cached requests the first step is compared with
+    threshold: float = 0.15  # a token differs when its mean |difference| of predicted clean latents is above this
+    dilate: int = 0  # grow the region by this many tokens in height and width
+    max_region: float = 0.75  # a larger region is a global difference: computed in full
+    final_compute: float = 0.0  # share of the steps at the end computed in full on every hit (stage 3)
+    alpha: float = 2.0  # TGAA factor on the cross-attention to the new prompt's tokens in the region; 1 disables it
 
     def __post_init__(self):
-        for name in ("stage1", "stage2"):
-            table = getattr(self, name)
-            thresholds = [t for t, _ in table]
-            fractions = [f for _, f in table]
-            if thresholds != sorted(thresholds, reverse=True) or fractions != sorted(fractions, reverse=True):
-                raise ValueError(f"planner {name} table must list thresholds and fractions from high to low")
-            if any(not 0.0 <= f <= 1.0 for f in fractions):
-                raise ValueError(f"planner {name} fractions must lie in [0, 1]")
-        if self.min_steps_computed < 1:
-            raise ValueError("min_steps_computed must be at least 1")
-        if not 0.0 <= self.full_stage2_mask <= self.no_stage2_mask <= 1.0:
-            raise ValueError("need 0 <= full_stage2_mask <= no_stage2_mask <= 1")
-
-    @property
-    def min_similarity(self) -> float:
-        return self.stage1[-1][0] if self.stage1 else math.inf
+        if not -1.0 <= self.min_similarity <= 1.0:
+            raise ValueError(f"min_similarity={self.min_similarity}: must lie in [-1, 1]")
+        if self.candidates < 1 or self.dilate < 0:
+            raise ValueError("candidates must be >= 1 and dilate >= 0")
+        if not (self.threshold > 0 and 0.0 <= self.max_region <= 1.0 and 0.0 <= self.final_compute <= 1.0):
+            raise ValueError("need threshold > 0 and max_region, final_compute in [0, 1]")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha={self.alpha!r}: must be a positive finite number")
 
 
-def _lookup(table, similarity: float) -> float:
-    for threshold, fraction in table:
-        if similarity >= threshold:
-            return fraction
-    return 0.0
+def token_difference(target_x0: torch.Tensor, source_x0: torch.Tensor, patch_size) -> torch.Tensor:
+    """Mean absolute difference of two predicted clean latents `[C, F, H, W]` per latent token `[F', H', W']`."""
+    diff = (target_x0.float() - source_x0.to(target_x0.device).float()).abs().mean(0)
+    return F.avg_pool3d(diff[None, None], tuple(patch_size))[0, 0]
 
 
 class Planner:
+    """Chorus's plans: compute the first step, compare, then reuse the source where the model agrees."""
+
+    kind = "probe"
+
     def __init__(self, config: PlannerConfig | None = None):
         self.config = config or PlannerConfig()
 
-    def plan(self, similarity: float | None, num_steps: int, source_id: str | None = None) -> StagePlan:
-        if similarity is None:
-            return StagePlan(num_steps)
-        cap = num_steps - self.config.min_steps_computed
-        k1 = min(cap, math.floor(_lookup(self.config.stage1, similarity) * num_steps + 0.5))
+    def feature_steps(self, num_steps: int) -> list[int]:
+        """Steps whose features a later hit can use: every step after the first, before the final computed ones."""
+        return list(range(1, num_steps - self.final_steps(num_steps)))
+
+    def final_steps(self, num_steps: int) -> int:
+        return min(num_steps - 1, math.floor(self.config.final_compute * num_steps + 0.5))
+
+    def before(self, candidates: list, num_steps: int) -> Plan:
+        """With candidates (`Match`es above the similarity floor), the first step is computed and the plan is
+        decided after it (`after_probe`)."""
+        usable = [c for c in candidates if c.similarity >= self.config.min_similarity][: self.config.candidates]
+        if not usable or num_steps < 2:
+            best = max((c.similarity for c in candidates), default=None)
+            return Plan(num_steps, similarity=best)
+        return Plan(num_steps, similarity=usable[0].similarity, probe_pending=True)
+
+    def after_probe(self, plan: Plan, differences: dict, similarities: dict) -> Plan:
+        """`differences`: candidate id -> per-token difference map at the first step. Picks the candidate with the
+        smallest region and plans around it."""
+        cfg, n = self.config, plan.num_steps
+        if not differences:
+            return replace(plan, probe_pending=False)
+        masks = {cid: self._region(d) for cid, d in differences.items()}
+        best = min(masks, key=lambda cid: (float(masks[cid].float().mean()), -similarities[cid]))
+        mask = masks[best]
+        fraction = float(mask.float().mean())
+        common = dict(source_id=best, similarity=similarities[best], region_fraction=fraction, probe_pending=False)
+        if fraction > cfg.max_region:
+            return replace(plan, difference="global", **common)
+        middle = "reuse" if not mask.any() else "region"
+        final = self.final_steps(n)
+        actions = ("compute",) + (middle,) * (n - 1 - final) + ("compute",) * final
+        difference = "none" if middle == "reuse" else "local"
+        return replace(plan, actions=actions, difference=difference, token_mask=mask, **common)
+
+    def _region(self, difference: torch.Tensor) -> torch.Tensor:
+        mask = difference > self.config.threshold
+        r = self.config.dilate
+        if r:
+            pooled = F.max_pool3d(mask.float()[None, None], (1, 2 * r + 1, 2 * r + 1), 1, (0, r, r))
+            mask = pooled[0, 0] > 0
+        return mask
+
+
+# ---- the stage-1 baseline -------------------------------------------------------------------------------------
+
+# (similarity threshold, fraction of the steps), highest first; NIRVANA's published table for CLIP similarities.
+NIRVANA_TABLE = ((0.95, 0.50), (0.90, 0.40), (0.85, 0.30), (0.75, 0.20), (0.65, 0.10))
+# The same idea calibrated for all-MiniLM-L6-v2, under which paraphrases score far lower than under CLIP.
+MINILM_TABLE = ((0.95, 0.50), (0.90, 0.40), (0.85, 0.30), (0.80, 0.25))
+
+
+@dataclass(frozen=True)
+class StageOneConfig:
+    table: tuple[tuple[float, float], ...] = MINILM_TABLE
+    min_steps_computed: int = 1  # the target prompt must shape the final steps
+
+    def __post_init__(self):
+        thresholds = [t for t, _ in self.table]
+        fractions = [f for _, f in self.table]
+        if thresholds != sorted(thresholds, reverse=True) or fractions != sorted(fractions, reverse=True):
+            raise ValueError("the stage-1 table must list thresholds and fractions from high to low")
+        if any(not 0.0 <= f <= 1.0 for f in fractions) or self.min_steps_computed < 1:
+            raise ValueError("fractions must lie in [0, 1] and min_steps_computed be >= 1")
+
+
+class StageOnePlanner:
+    """Stage-1-only reuse: skip the first k1 steps by starting from the best match's latent after k1 steps."""
+
+    kind = "stage1"
+
+    def __init__(self, config: StageOneConfig | None = None):
+        self.config = config or StageOneConfig()
+
+    def feature_steps(self, num_steps: int) -> list[int]:
+        return []
+
+    def k1(self, similarity: float, num_steps: int) -> int:
+        fraction = next((f for t, f in self.config.table if similarity >= t), 0.0)
+        return min(num_steps - self.config.min_steps_computed, math.floor(fraction * num_steps + 0.5))
+
+    def before(self, candidates: list, num_steps: int) -> Plan:
+        if not candidates:
+            return Plan(num_steps)
+        best = candidates[0]
+        k1 = self.k1(best.similarity, num_steps)
         if k1 <= 0:
-            return StagePlan(num_steps, similarity=similarity)
-        k2 = max(k1, min(cap, math.floor(_lookup(self.config.stage2, similarity) * num_steps + 0.5)))
-        return StagePlan(num_steps, k1, k2, similarity, source_id)
+            return Plan(num_steps, similarity=best.similarity)
+        actions = ("reuse",) * k1 + ("compute",) * (num_steps - k1)
+        return Plan(num_steps, actions, best.entry_id, best.similarity, difference="unassessed")
 
-    def with_mask_fraction(self, plan: StagePlan, fraction: float) -> StagePlan:
-        """Shorten stage 2 as the region to recompute grows (non-increasing in the fraction)."""
-        lo, hi = self.config.full_stage2_mask, self.config.no_stage2_mask
-        keep = 1.0 if fraction <= lo else 0.0 if fraction >= hi else (hi - fraction) / (hi - lo)
-        return replace(plan, k2=plan.k1 + math.floor((plan.k2 - plan.k1) * keep + 0.5))
-
-    def candidates(self, num_steps: int) -> list[StagePlan]:
-        """Every distinct hit plan the tables can produce for this schedule (what a source should prepare for)."""
-        plans = {}
-        for threshold in sorted({t for t, _ in (*self.config.stage1, *self.config.stage2)}):
-            plan = self.plan(threshold, num_steps)
-            if plan.is_hit:
-                plans[(plan.k1, plan.k2)] = plan
-        return list(plans.values())
+    def after_probe(self, plan: Plan, differences: dict, similarities: dict) -> Plan:  # pragma: no cover
+        raise AssertionError("stage-1 plans are final before denoising")

@@ -1,11 +1,9 @@
-"""Stage 2's region mask: which latent tokens must change when the target prompt differs from the source's.
+"""What differs between two prompts, word by word, mapped to the text encoder's token positions.
 
-Two steps. `prompt_diff` aligns the two prompts word by word and maps each word explicitly to the text encoder's
-tokens, giving the target tokens whose meaning the source lacks (changed or added words) and the source tokens the
-target dropped. `region_mask` then asks the transformer's own cross-attention where the video attends to those
-tokens, using video queries captured at the first reused step (stage 1 reused them exactly, so for the target they
-are the source's) against the keys of each prompt, keeps the layers and heads that localise best, thresholds,
-dilates, and makes the mask consistent over frames.
+`prompt_diff` aligns the two prompts' words (difflib, so reordered words count as changed) and maps each word
+explicitly to its tokens (tokenizer offsets), giving the target tokens whose meaning the source lacks (changed or
+added words) and the source's words the target dropped. TGAA amplifies the attention to the changed tokens; the
+report names the words.
 """
 
 from __future__ import annotations
@@ -14,8 +12,6 @@ import difflib
 import re
 from dataclasses import dataclass, field
 
-import torch
-import torch.nn.functional as F
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
 # Words whose change alone does not change what the video shows.
@@ -84,52 +80,3 @@ def prompt_diff(tokenizer, source: str, target: str, max_length: int = 512) -> P
         if op in ("replace", "delete"):
             diff.dropped_words += [w for w in range(s0, s1) if src.words[w] not in STOPWORDS]
     return diff
-
-
-@dataclass(frozen=True)
-class MaskConfig:
-    top_fraction: float = 0.5  # share of (layer, head) maps kept: the most concentrated ones
-    threshold: float = 0.5  # of the aggregated map's maximum
-    dilate: int = 1  # spatial dilation radius, in latent tokens
-    temporal_window: int = 1  # a token is in the mask if it is in any frame within this distance
-
-
-def attention_scores(queries: list[torch.Tensor], keys: list[torch.Tensor], tokens: list[int], top_fraction: float):
-    """How strongly each video token attends to `tokens`: [L] in [0, 1], from the best-localising maps.
-
-    queries[l]: [L, H, hd] video queries of layer l; keys[l]: [T, H, hd] text keys of layer l.
-    """
-    maps = []
-    for q, k in zip(queries, keys, strict=True):
-        scale = q.shape[-1] ** -0.5
-        probs = torch.einsum("lhd,thd->hlt", q.float(), k.float()).mul(scale).softmax(-1)  # [H, L, T]
-        maps.append(probs[:, :, tokens].sum(-1))  # [H, L]
-    maps = torch.cat(maps)  # [layers * heads, L]
-    spatial = maps / maps.sum(-1, keepdim=True).clamp_min(1e-12)
-    entropy = -(spatial * spatial.clamp_min(1e-12).log()).sum(-1)  # low entropy: the map points somewhere
-    keep = entropy.argsort()[: max(1, round(top_fraction * len(maps)))]
-    chosen = maps[keep] / maps[keep].amax(-1, keepdim=True).clamp_min(1e-12)
-    score = chosen.mean(0)
-    return score / score.max().clamp_min(1e-12)
-
-
-def region_mask(
-    grid: tuple[int, int, int],
-    diff: PromptDiff,
-    queries: list[torch.Tensor],
-    target_keys: list[torch.Tensor],
-    source_keys: list[torch.Tensor],
-    config: MaskConfig = MaskConfig(),
-) -> torch.Tensor:
-    """A bool mask over the latent token grid (frames, height, width) of what must be recomputed."""
-    score = torch.zeros(grid).flatten()
-    if diff.changed_tokens:
-        score = torch.maximum(score, attention_scores(queries, target_keys, diff.changed_tokens, config.top_fraction))
-    if diff.dropped_tokens:
-        score = torch.maximum(score, attention_scores(queries, source_keys, diff.dropped_tokens, config.top_fraction))
-    if diff.is_empty:
-        return torch.zeros(grid, dtype=torch.bool)
-    mask = (score >= config.threshold).float().view(1, 1, *grid)
-    r, w = config.dilate, config.temporal_window
-    mask = F.max_pool3d(mask, kernel_size=(2 * w + 1, 2 * r + 1, 2 * r + 1), stride=1, padding=(w, r, r))
-    return mask[0, 0] > 0

@@ -11,27 +11,34 @@ class GenerationReport:
     prompt: str
     seed: int
     signature_key: str
-    outcome: str  # "miss", "hit" (stage-1 reuse), "exact" (stored result, no denoising) or "off" (cache disabled)
+    outcome: str  # "miss", "hit" (steps reused), "exact" (stored result, no denoising) or "off" (cache disabled)
     num_steps: int
-    k1: int = 0
-    k2: int = 0
+    # What the planner found (`chorus.planner`): "exact", "none", "local", "global", "miss" or "unassessed", and the
+    # plan in short: one letter per step, c(ompute), r(egion), - (reused).
+    difference: str = "miss"
+    plan: str = ""
+    miss_reason: str | None = None
+    k1: int = 0  # leading steps taken from the source
     similarity: float | None = None
     source_id: str | None = None
     source_prompt: str | None = None
+    candidates_compared: int = 0  # cached requests whose first-step prediction was compared with this one's
     transformer_calls: int = 0
     steps_computed: int = 0
     steps_reused: int = 0
-    seconds: dict[str, float] = field(default_factory=dict)  # per phase: encode, retrieval, stage1..3, decode
+    stage2_steps: list[int] = field(default_factory=list)  # steps computed only in the region
+    seconds: dict[str, float] = field(default_factory=dict)  # per phase: retrieval, encode, probe, stage1..3, decode
     total_seconds: float = 0.0
+    steps_saved: float = 0.0  # reused steps plus the share of each region step's work not done
     seconds_saved_estimate: float = 0.0
     stored: bool = False
-    # stage 2 (region reuse with TGAA), when a hit had a region to recompute
-    mask_fraction: float | None = None
-    alpha: float | None = None
+    # stage 2
+    mask_fraction: float | None = None  # share of the latent tokens that differ from the source (the region)
+    alpha: float | None = None  # TGAA factor
     prompt_diff: dict | None = None  # {"changed": target words, "dropped": source words}
-    stage2_restricted_steps: list[int] = field(default_factory=list)
     flops_full_step: int | None = None  # transformer FLOPs of one full step (all passes)
-    flops_stage2_step: int | None = None  # ... and of one region-restricted stage-2 step
+    flops_region_step: int | None = None  # ... and of one region step
+    flops: int | None = None  # transformer FLOPs the plan computes in all
 
     @property
     def hit(self) -> bool:

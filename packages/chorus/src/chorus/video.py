@@ -16,12 +16,22 @@ def check_output_path(path: str | Path) -> Path:
     path = Path(path)
     if path.suffix.lower() not in FORMATS:
         raise ValueError(f"output {path}: extension must be one of {', '.join(FORMATS)}")
+    if path.is_dir():
+        raise ValueError(f"output {path}: is a directory")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise ValueError(f"output {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ValueError(f"output {path}: not writable")
+    check_writable_dir(parent, f"output {path}")
     return path
+
+
+def check_writable_dir(directory: str | Path, what: str) -> None:
+    """Create and remove a file in `directory`: permission bits do not bind root, a read-only mount does."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".chorus-probe-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{what}: cannot write in {directory}: {exc.strerror or exc}") from None
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:

@@ -34,6 +34,7 @@ def run_benchmark(
     settings: replay.BenchSettings | None = None,
     policy_factory=make_policy,
     log=sys.stderr,
+    seed_pairs: int = 0,
 ) -> dict:
     """Replay the trace under each policy; returns the report (also written to `report_path`, plotted to
     `plots_dir`). `adapter` skips loading (tests pass the tiny pipeline's); `embedder` replaces the engine's default
@@ -76,6 +77,7 @@ def run_benchmark(
         policy_factory=policy_factory,
         on_policy=progress,
         progress=settings.progress,
+        seed_pairs=seed_pairs,
     )
     run_settings = {
         "trace": str(trace_path),

@@ -1,33 +1,33 @@
 """The policies a trace is replayed under: what is reused across requests, and what within one.
 
-| policy          | across requests (cache)                                    | within a request (diffusers.hooks) |
-|-----------------|------------------------------------------------------------|------------------------------------|
-| `none`          | nothing                                                    | nothing                            |
-| `exact`         | exact repeats only (same prompt, seed and settings)        | nothing                            |
-| `nirvana`       | stage 1 only, NIRVANA's published table scaled to N steps  | nothing                            |
-| `chorus-stage1` | stage 1 only, Chorus's own thresholds (ablation)           | nothing                            |
-| `chorus-notgaa` | stages 1-3, TGAA off (alpha = 1; ablation)                 | nothing                            |
-| `chorus`        | stages 1-3 with TGAA (planner and Stage2Config defaults)   | nothing                            |
-| `fbc`           | nothing                                                    | First-Block-Cache                  |
-| `taylorseer`    | nothing                                                    | TaylorSeer                         |
-| `magcache`      | nothing                                                    | MagCache (ratios from one request) |
-| `chorus+X`      | as `chorus`                                                | X: `fbc`, `taylorseer`, `magcache` |
-| `chorus+best`   | as `chorus`                                                | the best intra-request cache (*)   |
+| policy          | across requests (cache)                                          | within a request         |
+|-----------------|------------------------------------------------------------------|--------------------------|
+| `none`          | nothing                                                          | nothing                  |
+| `exact`         | exact repeats only (same prompt, seed and settings)              | nothing                  |
+| `nirvana`       | stage 1 only: NIRVANA's similarity table scaled to N steps       | nothing                  |
+| `chorus-stage1` | stage 1 only: the same idea with a table calibrated for MiniLM   | nothing                  |
+| `chorus-notgaa` | Chorus's plans with TGAA off (alpha = 1; ablation)               | nothing                  |
+| `chorus`        | Chorus's plans (`chorus.planner.Planner`, `PlannerConfig()`)     | nothing                  |
+| `fbc`           | nothing                                                          | First-Block-Cache        |
+| `taylorseer`    | nothing                                                          | TaylorSeer               |
+| `magcache`      | nothing                                                          | MagCache                 |
+| `chorus+X`      | as `chorus`                                                      | X: fbc, taylorseer, ...  |
+| `chorus+best`   | as `chorus`                                                      | the best of them (*)     |
 
+Intra-request caches come from `diffusers.hooks`.
 (*) of this run's intra-request policies, the fastest at an alignment within 2 points of `none`.
 
 NIRVANA (NSDI'24) skips K of 50 steps at CLIP similarity > 0.95 -> 25, > 0.90 -> 20, > 0.85 -> 15, > 0.75 -> 10,
-> 0.65 -> 5: the table below as fractions of the schedule. It was set for CLIP text similarities; Chorus embeds with
-MiniLM, under which paraphrases score lower, so the published thresholds reuse less here than they would under CLIP.
-`chorus-stage1` is the stage-1-only baseline at Chorus's thresholds, which isolates what stages 2-3 add.
-`exact` is a plain response cache, the reuse any serving system has: what it gains is the part of every other
-cache policy's speed-up that costs no quality, and the rest is what similarity-based reuse adds.
+> 0.65 -> 5: its table as fractions of the schedule. It was set for CLIP text similarities; Chorus embeds with
+MiniLM, under which paraphrases score lower, so `chorus-stage1` is the same stage-1-only reuse with thresholds for
+MiniLM. `exact` is a plain response cache, the reuse any serving system has: what it gains is the part of every other
+cache policy's speed-up that costs no quality.
 
 Intra-request caches are set relative to the schedule (they do nothing on very short ones, which is the point the
 paper makes about 4-step models): TaylorSeer computes the first ~10% of the steps (at least 1) and then every
-`interval`-th step (lite mode: the output projection is predicted and the blocks skipped; otherwise only the attention
-modules are predicted); First-Block-Cache skips the remaining blocks when the first block's residual changed by less
-than `threshold`; MagCache skips by accumulated magnitude-ratio error, with ratios measured on one calibration request.
+`interval`-th step (lite mode: the output projection is predicted and the blocks skipped); First-Block-Cache skips the
+remaining blocks when the first block's residual changed by less than `threshold`; MagCache skips by accumulated
+magnitude-ratio error, with ratios measured on one calibration request.
 """
 
 from __future__ import annotations
@@ -39,10 +39,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from ..planner import PlannerConfig
-from ..stage2 import Stage2Config
+from ..planner import MINILM_TABLE, NIRVANA_TABLE, Planner, PlannerConfig, StageOneConfig, StageOnePlanner
 
-NIRVANA_TABLE = ((0.95, 0.50), (0.90, 0.40), (0.85, 0.30), (0.75, 0.20), (0.65, 0.10))
 INTRA_NAMES = ("fbc", "taylorseer", "magcache")
 
 
@@ -50,66 +48,44 @@ INTRA_NAMES = ("fbc", "taylorseer", "magcache")
 class Policy:
     name: str
     cache: bool = False  # reuse across requests (an empty in-memory cache at the start of the replay)
-    planner: PlannerConfig | None = None
-    stage2: Stage2Config | None = None
+    planner: PlannerConfig | StageOneConfig | None = None
     intra: str | None = None  # one of INTRA_NAMES
     intra_options: dict = field(default_factory=dict)
+
+    def make_planner(self) -> Planner | StageOnePlanner:
+        if isinstance(self.planner, StageOneConfig):
+            return StageOnePlanner(self.planner)
+        return Planner(self.planner)
 
     def describe(self) -> dict:
         d = {"cache": self.cache, "intra": self.intra, "intra_options": self.intra_options}
         if self.cache:
-            p, s = self.planner or PlannerConfig(), self.stage2 or Stage2Config()
-            d["planner"] = {
-                "stage1": p.stage1,
-                "stage2": p.stage2,
-                "full_stage2_mask": p.full_stage2_mask,
-                "no_stage2_mask": p.no_stage2_mask,
-            }
-            d["stage2"] = {
-                "enabled": s.enabled,
-                "alpha": s.alpha,
-                "alpha_schedule": s.alpha_schedule,
-                "tgaa_stage3_steps": s.tgaa_stage3_steps,
-                "mask": vars(s.mask) if hasattr(s.mask, "__dict__") else str(s.mask),
-            }
+            planner = self.make_planner()
+            d["planner"] = {"kind": planner.kind, **vars(planner.config)}
         return d
 
 
-def nirvana_planner() -> PlannerConfig:
-    # stage 2 equal to stage 1: k2 == k1, so every step after the skipped ones is computed in full
-    return PlannerConfig(stage1=NIRVANA_TABLE, stage2=NIRVANA_TABLE)
-
-
-def exact_planner() -> PlannerConfig:
-    # No similarity tier: a request that is not an exact repeat (served before planning) is computed in full.
-    return PlannerConfig(stage1=(), stage2=())
-
-
-def chorus_stage1_planner(base: PlannerConfig | None = None) -> PlannerConfig:
-    base = base or PlannerConfig()
-    return replace(base, stage2=base.stage1)
-
-
-def make_policy(name: str, planner: PlannerConfig | None = None, stage2: Stage2Config | None = None) -> Policy:
-    """A policy by name; `planner`/`stage2` override Chorus's defaults for the chorus policies (sweeps)."""
+def make_policy(name: str, planner: PlannerConfig | None = None) -> Policy:
+    """A policy by name; `planner` overrides Chorus's defaults for the chorus policies (sweeps)."""
+    chorus = planner or PlannerConfig()
     if name == "none":
         return Policy(name)
     if name == "exact":
-        return Policy(name, cache=True, planner=exact_planner(), stage2=Stage2Config(enabled=False))
+        return Policy(name, cache=True, planner=StageOneConfig(table=()))
     if name == "nirvana":
-        return Policy(name, cache=True, planner=nirvana_planner(), stage2=Stage2Config(enabled=False))
+        return Policy(name, cache=True, planner=StageOneConfig(NIRVANA_TABLE))
     if name == "chorus-stage1":
-        return Policy(name, cache=True, planner=chorus_stage1_planner(planner), stage2=Stage2Config(enabled=False))
+        return Policy(name, cache=True, planner=StageOneConfig(MINILM_TABLE))
     if name == "chorus-notgaa":
-        return Policy(name, cache=True, planner=planner, stage2=replace(stage2 or Stage2Config(), alpha=1.0))
+        return Policy(name, cache=True, planner=replace(chorus, alpha=1.0))
     if name == "chorus":
-        return Policy(name, cache=True, planner=planner, stage2=stage2)
+        return Policy(name, cache=True, planner=chorus)
     if name in INTRA_NAMES:
         return Policy(name, intra=name)
     if name.startswith("chorus+"):
         intra = name.removeprefix("chorus+")
         if intra in (*INTRA_NAMES, "best"):
-            return Policy(name, cache=True, planner=planner, stage2=stage2, intra=intra)
+            return Policy(name, cache=True, planner=chorus, intra=intra)
     raise ValueError(f"unknown policy {name!r}; known: {', '.join(known_policies())}")
 
 

@@ -34,6 +34,7 @@ import math
 import os
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from .policies import INTRA_NAMES, Policy, intra_cache_config, magnitude_ratios,
 from .trace import TraceRequest
 
 PSNR_IDENTICAL = 100.0
+SEED_PAIR_BASE = 1_000_000_007  # seeds of the seed-diversity pairs: far from any trace's
 ALIGNMENT_SLACK = 2.0  # points: how much alignment an intra-request cache may lose to count for chorus+best
 WARMUP_PROMPT = "a red circle moving left on a white background"
 
@@ -67,12 +69,13 @@ class BenchSettings:
 class RequestRecord:
     index: int
     kind: str
+    attribute: str | None  # what an edit changed (from the trace)
     outcome: str
+    difference: str  # what the engine found (`chorus.planner.DIFFERENCES`)
+    plan: str
     similarity: float | None
-    k1: int
-    k2: int
     steps_reused: int
-    steps_saved: float  # stage-1 steps plus the share of stage-2 work not done on restricted steps
+    steps_saved: float  # reused steps plus the share of region steps' work not done
     transformer_calls: int
     service_s: float
     mask_fraction: float | None
@@ -100,26 +103,17 @@ def alignment_points(prompt: str, frames: np.ndarray) -> float | None:
         return None
 
 
-def steps_saved(report: dict) -> float:
-    if report.get("outcome") == "exact":
-        return float(report.get("num_steps", 0))
-    saved = float(report.get("steps_reused") or 0)
-    full, part = report.get("flops_full_step"), report.get("flops_stage2_step")
-    if full and part is not None:
-        saved += len(report.get("stage2_restricted_steps") or []) * (1.0 - part / full)
-    return saved
-
-
 def _record(i: int, req: TraceRequest, report: dict, service: float, frames, reference) -> RequestRecord:
     return RequestRecord(
         index=i,
         kind=req.kind,
+        attribute=req.attribute,
         outcome=report["outcome"],
+        difference=report.get("difference", "miss"),
+        plan=report.get("plan", ""),
         similarity=report.get("similarity"),
-        k1=report.get("k1", 0),
-        k2=report.get("k2", 0),
         steps_reused=report.get("steps_reused", 0),
-        steps_saved=steps_saved(report),
+        steps_saved=float(report.get("steps_saved") or 0.0),
         transformer_calls=report.get("transformer_calls", 0),
         service_s=service,
         mask_fraction=report.get("mask_fraction"),
@@ -210,7 +204,6 @@ class InProcessRunner:
         from ..cache import MemoryStore, RequestCache
         from ..cache import make_policy as make_eviction
         from ..engine import ChorusEngine
-        from ..planner import Planner
 
         intra = None
         if policy.intra is not None:
@@ -228,9 +221,8 @@ class InProcessRunner:
             adapter,
             cache,
             embedder if cache is not None else None,
-            Planner(policy.planner),
+            policy.make_planner(),
             cache_dtype=self.settings.cache_dtype,
-            stage2=policy.stage2,
             intra_cache=intra,
         )
 
@@ -356,19 +348,55 @@ def summarize_policy(policy: Policy, trace: list[TraceRequest], records: list[Re
         "alignment_by_kind": {
             k: _mean(r.alignment for r in records if r.kind == k) for k in sorted({r.kind for r in records})
         },
+        "alignment_by_attribute": {
+            a: _mean(r.alignment for r in records if r.attribute == a)
+            for a in sorted({r.attribute for r in records if r.attribute})
+        },
+        # what the engine decided for each kind of request, and what each decision cost on average
+        "differences_by_kind": {
+            k: dict(Counter(r.difference for r in records if r.kind == k)) for k in sorted({r.kind for r in records})
+        },
+        "service_by_difference": {
+            d: _mean(r.service_s for r in records if r.difference == d) for d in sorted({r.difference for r in records})
+        },
         "config": policy.describe(),
         "per_request": [r.to_dict() for r in records],
     }
 
 
+def seed_pair_prompts(trace: list[TraceRequest], n: int) -> list[str]:
+    """The first n distinct prompts of the trace, for the seed-diversity check."""
+    return list(dict.fromkeys(r.prompt for r in trace))[:n]
+
+
+def visibly_different_pairs(serve, prompts: list[str]) -> list[bool]:
+    """Each prompt under two new seeds, after the trace (the cache is warm): do the two videos differ visibly?
+    The model draws a different layout for each seed; a cache that serves one seed's video for another loses that."""
+    from ..world import analyzer
+
+    out = []
+    for j, prompt in enumerate(prompts):
+        a = serve(TraceRequest(prompt, SEED_PAIR_BASE + 2 * j, "seed-pair", -1))[1]
+        b = serve(TraceRequest(prompt, SEED_PAIR_BASE + 2 * j + 1, "seed-pair", -1))[1]
+        out.append(analyzer.visibly_different(analyzer.analyze(a), analyzer.analyze(b)))
+    return out
+
+
 def replay_interleaved(
-    policies: list[Policy], trace: list[TraceRequest], runner, reference: list | None, progress: bool = True
-) -> tuple[dict[str, list[RequestRecord]], list]:
+    policies: list[Policy],
+    trace: list[TraceRequest],
+    runner,
+    reference: list | None,
+    progress: bool = True,
+    seed_pairs: int = 0,
+) -> tuple[dict[str, list[RequestRecord]], list, dict[str, list[bool]]]:
     """Serve request i under every policy before request i + 1, so that a machine whose speed drifts (a shared CPU)
     slows all policies alike; the policy that goes first rotates from one request to the next, so that no policy
-    always runs right after the benchmark's own scoring or another policy's model. Returns the records per policy
-    and, when `none` is among them, its frames."""
+    always runs right after the benchmark's own scoring or another policy's model. Returns the records per policy,
+    `none`'s frames when it is among them, and per policy the outcome of `seed_pairs` seed-diversity pairs served
+    after the trace (not timed)."""
     records: dict[str, list[RequestRecord]] = {p.name: [] for p in policies}
+    diversity: dict[str, list[bool]] = {}
     none_frames: list = []
     with ExitStack() as stack:
         sessions = [(p, stack.enter_context(runner.session(p))) for p in policies]
@@ -385,7 +413,10 @@ def replay_interleaved(
             for policy, _ in sessions:  # scored after the round, outside every timing
                 report, frames, service = served[policy.name]
                 records[policy.name].append(_record(i, req, report, service, frames, ref))
-    return records, none_frames
+        if seed_pairs:
+            prompts = seed_pair_prompts(trace, seed_pairs)
+            diversity = {p.name: visibly_different_pairs(serve, prompts) for p, serve in sessions}
+    return records, none_frames, diversity
 
 
 def run(
@@ -397,8 +428,10 @@ def run(
     policy_factory: Callable[[str], Policy] = make_policy,
     on_policy: Callable[[str, dict], None] | None = None,
     progress: bool = True,
+    seed_pairs: int = 0,
 ) -> dict[str, dict]:
-    """Replay `trace` under each policy, interleaved; returns `{name: summary}` with `speedup_vs_none`.
+    """Replay `trace` under each policy, interleaved; returns `{name: summary}` with `speedup_vs_none` (and, with
+    `seed_pairs`, the share of same-prompt pairs under two new seeds that come out visibly different).
 
     `chorus+best` needs the intra-request caches' results first: it is replayed in a second pass, interleaved with
     `none` again, and its speedup is against that pass's `none`."""
@@ -407,12 +440,16 @@ def run(
     for policy in first:
         runner.check(policy)
     load_before = os.getloadavg()
-    records, reference = replay_interleaved(first, trace, runner, None, progress)
+    records, reference, diversity = replay_interleaved(first, trace, runner, None, progress, seed_pairs)
     load_after = os.getloadavg()
     results: dict[str, dict] = {}
     for policy in first:
         results[policy.name] = summarize_policy(policy, trace, records[policy.name], steps)
         results[policy.name]["loadavg_before_after"] = [round(load_before[0], 2), round(load_after[0], 2)]
+        if policy.name in diversity:
+            pairs = diversity[policy.name]
+            results[policy.name]["seed_pairs"] = len(pairs)
+            results[policy.name]["seed_pairs_visibly_different"] = sum(pairs) / len(pairs) if pairs else None
     none_wall = results["none"]["wall_s"]
     for summary in results.values():
         summary["speedup_vs_none"] = none_wall / summary["wall_s"] if summary["wall_s"] else None
@@ -422,10 +459,10 @@ def run(
         if best is None:
             raise ValueError("chorus+best needs an intra-request cache policy (fbc, taylorseer, magcache) in the run")
         base = policy_factory("chorus+best")
-        policy = Policy("chorus+best", True, base.planner, base.stage2, best)
+        policy = Policy("chorus+best", True, base.planner, best)
         again = Policy("none")
         load_before = os.getloadavg()
-        second, _ = replay_interleaved([again, policy], trace, runner, reference, progress)
+        second, _, _ = replay_interleaved([again, policy], trace, runner, reference, progress)
         summary = summarize_policy(policy, trace, second["chorus+best"], steps)
         none_again = sum(r.service_s for r in second["none"])
         summary.update(

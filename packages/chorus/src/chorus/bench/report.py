@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-# Every policy summary carries these (the issue's list); the rest are extras.
+# Every policy summary carries these; the rest are extras.
 REQUIRED_FIELDS = (
     "requests",
     "wall_s",
@@ -109,9 +109,9 @@ def markdown(report: dict, *, with_context: bool = True) -> str:
     base = policies.get("none", {}).get("alignment")
     head = (
         "| policy | requests | wall s | req/s | speedup | p50 s | p99 s | hit rate | transformer calls "
-        "| saved steps | alignment | Δ align | PSNR dB |"
+        "| saved steps | alignment | Δ align | PSNR dB | seeds differ |"
     )
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 14]
     for name, p in policies.items():
         delta = None if base is None or p["alignment"] is None else p["alignment"] - base
         label = name + (f" ({p['intra_chosen']})" if p.get("intra_chosen") else "")
@@ -120,7 +120,7 @@ def markdown(report: dict, *, with_context: bool = True) -> str:
             f"| {_fmt(p['speedup_vs_none'], '.2f')}x | {_fmt(p['latency_p50_s'], '.3f')} "
             f"| {_fmt(p['latency_p99_s'], '.3f')} | {p['hit_rate']:.0%} | {p['transformer_calls']} "
             f"| {p.get('steps_saved_fraction', 0):.0%} | {_fmt(p['alignment'], '.1f')} | {_fmt(delta, '+.1f')} "
-            f"| {_fmt(p['fidelity_psnr'], '.1f')} |"
+            f"| {_fmt(p['fidelity_psnr'], '.1f')} | {_fmt(p.get('seed_pairs_visibly_different'), '.0%')} |"
         )
     if not with_context:
         return "\n".join(lines)
@@ -132,10 +132,17 @@ def markdown(report: dict, *, with_context: bool = True) -> str:
     )
     notes = (
         "Speedup is throughput over `none` in the same run. Alignment: the world analyzer's score in points (0-100); "
-        "Δ against `none`. PSNR: against the same request under `none` (identical = 100). Saved steps: stage-1 "
-        "steps plus the stage-2 work not done, as a share of all steps."
+        "Δ against `none`. PSNR: against the same request under `none` (identical = 100). Saved steps: reused "
+        "steps plus the region steps' work not done, as a share of all steps. Seeds differ: of same-prompt pairs "
+        "under two new seeds after the trace, the share whose videos differ visibly."
     )
-    return "\n\n".join([intro, "\n".join(lines), notes, "Per request kind:", by_kind(report)])
+    parts = [intro, "\n".join(lines), notes, "Per request kind (alignment / hit rate):", by_kind(report)]
+    parts += ["Per edited attribute (alignment):", by_attribute(report)]
+    parts += [
+        "What the engine decided, per request kind, and the mean service time of each decision:",
+        decisions(report),
+    ]
+    return "\n\n".join(parts)
 
 
 def by_kind(report: dict) -> str:
@@ -153,3 +160,35 @@ def by_kind(report: dict) -> str:
             cells.append(f"{_fmt(align, '.1f')} / {hits:.0%} (n={len(rows)})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def by_attribute(report: dict) -> str:
+    """Alignment (points) of the edits per attribute they changed."""
+    policies = report["policies"]
+    rows = [r for p in policies.values() for r in p.get("per_request", []) if r.get("attribute")]
+    attributes = sorted({r["attribute"] for r in rows})
+    lines = ["| policy | " + " | ".join(attributes) + " |", "|" + "---|" * (len(attributes) + 1)]
+    for name, p in policies.items():
+        cells = []
+        for a in attributes:
+            scored = [r["alignment"] for r in p.get("per_request", []) if r.get("attribute") == a]
+            scored = [x for x in scored if x is not None]
+            cells.append(f"{_fmt(sum(scored) / len(scored) if scored else None, '.1f')} (n={len(scored)})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def decisions(report: dict) -> str:
+    """For each caching policy: per request kind, how many requests got each difference kind; then the mean
+    service time (ms) of each difference kind (a hit must not be slower than a miss)."""
+    lines = []
+    for name, p in report["policies"].items():
+        by_kind = p.get("differences_by_kind") or {}
+        if not any(d != "miss" for counts in by_kind.values() for d in counts):
+            continue
+        cells = "; ".join(
+            f"{kind}: " + ", ".join(f"{d} {n}" for d, n in sorted(counts.items())) for kind, counts in by_kind.items()
+        )
+        service = ", ".join(f"{d} {1000 * t:.0f}" for d, t in (p.get("service_by_difference") or {}).items())
+        lines.append(f"- `{name}`: {cells}. Service ms: {service}.")
+    return "\n".join(lines) or "(no policy reused anything)"

@@ -82,12 +82,15 @@ class TraceRequest:
     topic: int
     parent: int | None = None  # index of the request this one paraphrases, edits or repeats
     arrival_s: float | None = None
+    attribute: str | None = None  # what an edit changed: one of EDITABLE
 
     def to_json(self) -> dict:
         d = {"prompt": self.prompt, "seed": self.seed}
         if self.arrival_s is not None:
             d["arrival_s"] = round(self.arrival_s, 4)
         d.update(kind=self.kind, topic=self.topic, parent=self.parent)
+        if self.attribute is not None:
+            d["attribute"] = self.attribute
         return d
 
 
@@ -136,6 +139,7 @@ def generate_trace(config: TraceConfig | None = None) -> list[TraceRequest]:
     clock = 0.0
     for index in range(cfg.requests):
         kind = "fresh" if not topics else str(rng.choice(KINDS, p=probs))
+        attribute = None
         if kind == "fresh":
             split = "heldout" if rng.random() < cfg.heldout else "train"
             variant = _Variant(
@@ -157,7 +161,7 @@ def generate_trace(config: TraceConfig | None = None) -> list[TraceRequest]:
                 seed = int(rng.integers(2**31))
             else:
                 base = variant_of[parent]
-                spec, _ = edit_spec(rng, base.spec)
+                spec, attribute = edit_spec(rng, base.spec)
                 variant = _Variant(spec, base.split, base.wording)
                 topics[topic].append(variant)
                 seed = int(rng.integers(2**31))
@@ -167,7 +171,8 @@ def generate_trace(config: TraceConfig | None = None) -> list[TraceRequest]:
             text = _words(variant.wording, variant.spec, variant.split, cfg.p_word)
         if cfg.rate_rps is not None:
             clock += float(rng.exponential(1.0 / cfg.rate_rps))
-        out.append(TraceRequest(text, seed, kind, topic, parent, clock if cfg.rate_rps is not None else None))
+        arrival = clock if cfg.rate_rps is not None else None
+        out.append(TraceRequest(text, seed, kind, topic, parent, arrival, attribute))
         topic_requests[topic].append(index)
         variant_of.append(variant)
     return out
@@ -217,6 +222,7 @@ def read_trace(path: str | Path) -> list[TraceRequest]:
                 topic=int(d.get("topic", -1)),
                 parent=d.get("parent"),
                 arrival_s=d.get("arrival_s"),
+                attribute=d.get("attribute"),
             )
         )
     if not out:

@@ -58,35 +58,65 @@ class EntryMeta:
     last_access: float = field(default_factory=time.time)
     hits: int = 0
     saved_steps: int = 0  # denoising steps this entry has saved over all its hits
+    # A request whose result is another entry's (every step after its first was the source's) stores no tensors of
+    # its own: its row names that entry, and goes when it goes.
+    alias_of: str | None = None
+
+
+# Tensor names in an entry; the features are named by `chorus.stage2.FeatureKey`.
+TRAJECTORY = "trajectory"  # [N + 1, C, F, H, W]: the latent at every step boundary, in the cache dtype
+FINAL_LATENT = "final_latent"  # [1, C, F, H, W] float32: an exact repeat decodes to the very same frames
+PROBE = "probe"  # [C, F, H, W]: the clean latent the model predicted at the first step (what a later request compares)
+EMBEDDING = "embedding"
 
 
 @dataclass
 class CacheEntry:
-    """A finished request: its trajectory (latent at every step boundary) and what stage 2 will need.
+    """A finished request's tensors (all of them, or the subset a plan loaded) with its metadata.
 
-    `trajectory[k]` is the latent after k denoising steps (k = 0 is the initial noise, k = N the final latent),
-    stored in the cache dtype; `final_latent` keeps the final latent in float32 so that an exact repeat decodes
-    to the very same frames. `extras` holds named tensors for later stages (attention maps, layer features).
+    `trajectory[k]` is the latent after k denoising steps (k = 0 is the initial noise, k = N the final latent).
     """
 
     meta: EntryMeta
     signature: GenerationSignature
-    trajectory: torch.Tensor
-    final_latent: torch.Tensor
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = {
-            "trajectory": self.trajectory.contiguous(),
-            "final_latent": self.final_latent.contiguous(),
-            "embedding": torch.from_numpy(np.ascontiguousarray(self.meta.embedding, dtype=np.float32)),
-        }
-        out.update({f"extra.{name}": t.contiguous() for name, t in self.extras.items()})
-        return out
+    @classmethod
+    def build(cls, meta, signature, trajectory, final_latent, probe=None, features=None) -> CacheEntry:
+        tensors = {TRAJECTORY: trajectory.contiguous(), FINAL_LATENT: final_latent.contiguous()}
+        if probe is not None:
+            tensors[PROBE] = probe.contiguous()
+        if features is not None:
+            tensors.update({name: t.contiguous() for name, t in features.to_tensors().items()})
+        tensors[EMBEDDING] = torch.from_numpy(np.ascontiguousarray(meta.embedding, dtype=np.float32))
+        return cls(meta, signature, tensors)
 
-    @staticmethod
-    def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
-        return sum(t.numel() * t.element_size() for t in tensors.values())
+    def _get(self, name: str) -> torch.Tensor:
+        if name not in self.tensors:
+            raise KeyError(f"cache entry {self.meta.entry_id}: tensor {name!r} was not loaded or is not stored")
+        return self.tensors[name]
+
+    @property
+    def trajectory(self) -> torch.Tensor:
+        return self._get(TRAJECTORY)
+
+    @property
+    def final_latent(self) -> torch.Tensor:
+        return self._get(FINAL_LATENT)
+
+    @property
+    def probe(self) -> torch.Tensor | None:
+        return self.tensors.get(PROBE)
+
+    @property
+    def features(self):
+        from ..stage2.bank import FeatureBank
+
+        return FeatureBank.from_tensors(self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def header(self) -> dict[str, str]:
         """String metadata stored inside the entry's file, so a file alone is enough to rebuild its entry."""
@@ -104,5 +134,4 @@ class CacheEntry:
         signature = GenerationSignature(**json.loads(header["signature"]))
         if header["entry_id"] != meta.entry_id or signature.key() != meta.signature_key:
             raise ValueError(f"cache entry {meta.entry_id}: file header does not match its index row")
-        extras = {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
-        return cls(meta, signature, tensors["trajectory"], tensors["final_latent"], extras)
+        return cls(meta, signature, tensors)

@@ -36,6 +36,10 @@ class VectorIndex:
             self._by_entry[entry_id] = (signature_key, int_id)
             self._by_int[int_id] = entry_id
 
+    def entry_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._by_entry)
+
     def remove(self, entry_id: str) -> None:
         with self._lock:
             found = self._by_entry.pop(entry_id, None)

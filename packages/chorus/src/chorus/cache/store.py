@@ -1,6 +1,8 @@
 """Cache stores: in memory with a byte budget, and on disk (safetensors files plus a SQLite index).
 
-Both keep the same small metadata (`EntryMeta`) for retrieval and eviction, and load tensors only on a hit.
+Both keep the same small metadata (`EntryMeta`) for retrieval and eviction, and load only the tensors a plan asks
+for (`get(entry_id, names)`): an exact repeat reads the final latent, a comparison the first step's prediction.
+An alias row (`EntryMeta.alias_of`) has no tensors of its own: reading it reads its origin's, and it leaves with it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +45,7 @@ class CacheStore(ABC):
     def _write(self, entry: CacheEntry) -> None: ...
 
     @abstractmethod
-    def _read(self, meta: EntryMeta) -> CacheEntry: ...
+    def _read(self, meta: EntryMeta, names: Collection[str] | None) -> CacheEntry: ...
 
     @abstractmethod
     def _delete(self, entry_id: str) -> None: ...
@@ -69,31 +72,37 @@ class CacheStore(ABC):
             return sum(m.nbytes for m in self._metas().values())
 
     def put(self, entry: CacheEntry) -> list[str]:
-        """Store an entry; returns the ids evicted to make room (the new entry's own id if it cannot fit)."""
-        entry.meta.nbytes = CacheEntry.tensor_bytes(entry.tensors())
-        if entry.meta.nbytes > self.budget_bytes:
-            log.warning(
-                "cache entry of %d bytes exceeds the budget of %d: not stored",
-                entry.meta.nbytes,
-                self.budget_bytes,
-            )
-            return [entry.meta.entry_id]
+        """Store an entry; returns the ids evicted to make room (the new entry's own id if it cannot be stored)."""
+        meta = entry.meta
+        meta.nbytes = 0 if meta.alias_of else entry.nbytes
+        if meta.nbytes > self.budget_bytes:
+            log.warning("cache entry of %d bytes exceeds the budget of %d: not stored", meta.nbytes, self.budget_bytes)
+            return [meta.entry_id]
         with self._lock:
+            if meta.alias_of and meta.alias_of not in self._metas():
+                return [meta.entry_id]  # its origin left meanwhile
             self._write(entry)
-            return self._evict(keep=entry.meta.entry_id)
+            return self._evict(keep=meta.entry_id)
 
-    def get(self, entry_id: str) -> CacheEntry | None:
-        """Load an entry's tensors; None if it is gone or unreadable (an unreadable entry is dropped)."""
+    def get(self, entry_id: str, names: Collection[str] | None = None) -> CacheEntry | None:
+        """Load an entry with the tensors named (all when None; names it lacks are left out); None if it is gone
+        or unreadable (an unreadable entry is dropped)."""
         with self._lock:
             meta = self._metas().get(entry_id)
-            if meta is None:
+            origin = self._metas().get(meta.alias_of) if meta is not None and meta.alias_of else meta
+            if origin is None:
                 return None
             try:
-                return self._read(meta)
+                entry = self._read(origin, names)
             except Exception as exc:  # a damaged file must not take the request down: it is a miss
-                log.warning("dropping unreadable cache entry %s: %s", entry_id, exc)
-                self._delete(entry_id)
+                log.warning("dropping unreadable cache entry %s: %s", origin.entry_id, exc)
+                self._remove(origin.entry_id)
                 return None
+            return entry if origin is meta else CacheEntry(meta, entry.signature, entry.tensors)
+
+    def aliases(self, entry_id: str) -> list[str]:
+        with self._lock:
+            return [m.entry_id for m in self._metas().values() if m.alias_of == entry_id]
 
     def record_hit(self, entry_id: str, saved_steps: int) -> None:
         with self._lock:
@@ -105,20 +114,26 @@ class CacheStore(ABC):
             meta.last_access = time.time()
             self._save_meta(meta)
 
-    def remove(self, entry_id: str) -> None:
+    def remove(self, entry_id: str) -> list[str]:
+        """Delete an entry and its aliases; returns the ids deleted."""
         with self._lock:
-            self._delete(entry_id)
+            return self._remove(entry_id)
+
+    def _remove(self, entry_id: str) -> list[str]:
+        gone = [entry_id, *(m.entry_id for m in self._metas().values() if m.alias_of == entry_id)]
+        for gid in gone:
+            self._delete(gid)
+        return gone
 
     def _evict(self, keep: str) -> list[str]:
         metas = self._metas()
         total = sum(m.nbytes for m in metas.values())
-        evicted = []
-        for meta in self.policy.order([m for m in metas.values() if m.entry_id != keep]):
+        evicted: list[str] = []
+        for meta in self.policy.order([m for m in metas.values() if m.entry_id != keep and not m.alias_of]):
             if total <= self.budget_bytes:
                 break
             total -= meta.nbytes
-            self._delete(meta.entry_id)
-            evicted.append(meta.entry_id)
+            evicted += self._remove(meta.entry_id)
         return evicted
 
 
@@ -134,11 +149,15 @@ class MemoryStore(CacheStore):
         return self._meta
 
     def _write(self, entry):
-        self._entries[entry.meta.entry_id] = entry
+        if not entry.meta.alias_of:
+            self._entries[entry.meta.entry_id] = entry
         self._meta[entry.meta.entry_id] = entry.meta
 
-    def _read(self, meta):
-        return self._entries[meta.entry_id]
+    def _read(self, meta, names):
+        entry = self._entries[meta.entry_id]
+        if names is None:
+            return entry
+        return CacheEntry(meta, entry.signature, {n: t for n, t in entry.tensors.items() if n in names})
 
     def _delete(self, entry_id):
         self._entries.pop(entry_id, None)
@@ -169,8 +188,11 @@ class DiskStore(CacheStore):
             """CREATE TABLE IF NOT EXISTS entries (
                 entry_id TEXT PRIMARY KEY, signature_key TEXT NOT NULL, prompt TEXT NOT NULL, seed INTEGER NOT NULL,
                 embedding BLOB NOT NULL, nbytes INTEGER NOT NULL, created_at REAL NOT NULL,
-                last_access REAL NOT NULL, hits INTEGER NOT NULL, saved_steps INTEGER NOT NULL)"""
+                last_access REAL NOT NULL, hits INTEGER NOT NULL, saved_steps INTEGER NOT NULL, alias_of TEXT)"""
         )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(entries)")}
+        if "alias_of" not in columns:  # an index written before aliases existed
+            self._db.execute("ALTER TABLE entries ADD COLUMN alias_of TEXT")
         self._meta = self._load_index()
         self._recover()
 
@@ -180,7 +202,7 @@ class DiskStore(CacheStore):
     def _load_index(self) -> dict[str, EntryMeta]:
         rows = self._db.execute(
             "SELECT entry_id, signature_key, prompt, seed, embedding, nbytes, created_at, last_access, hits,"
-            " saved_steps FROM entries"
+            " saved_steps, alias_of FROM entries"
         ).fetchall()
         return {
             r[0]: EntryMeta(r[0], r[1], r[2], r[3], np.frombuffer(r[4], dtype=np.float32).copy(), *r[5:]) for r in rows
@@ -190,8 +212,10 @@ class DiskStore(CacheStore):
         for tmp in self.entries_dir.glob(".tmp-*"):
             tmp.unlink(missing_ok=True)
         on_disk = {p.stem for p in self.entries_dir.glob("*.safetensors")}
-        for entry_id in set(self._meta) - on_disk:
+        for entry_id in {i for i, m in self._meta.items() if not m.alias_of} - on_disk:
             log.warning("cache index row %s has no file: removed", entry_id)
+            self._remove(entry_id)
+        for entry_id in [i for i, m in self._meta.items() if m.alias_of and m.alias_of not in self._meta]:
             self._delete(entry_id)
         for entry_id in on_disk - set(self._meta):
             log.warning("cache file %s has no index row (interrupted write): removed", entry_id)
@@ -202,18 +226,19 @@ class DiskStore(CacheStore):
 
     def _write(self, entry):
         meta = entry.meta
-        final = self._path(meta.entry_id)
-        tmp = self.entries_dir / f".tmp-{meta.entry_id}-{os.getpid()}"
-        try:
-            save_file(entry.tensors(), str(tmp), metadata=entry.header())
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            _fsync_dir(self.entries_dir)
-        finally:
-            tmp.unlink(missing_ok=True)
+        if not meta.alias_of:
+            final = self._path(meta.entry_id)
+            tmp = self.entries_dir / f".tmp-{meta.entry_id}-{os.getpid()}"
+            try:
+                save_file(entry.tensors, str(tmp), metadata=entry.header())
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, final)
+                _fsync_dir(self.entries_dir)
+            finally:
+                tmp.unlink(missing_ok=True)
         self._db.execute(
-            "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 meta.entry_id,
                 meta.signature_key,
@@ -225,16 +250,16 @@ class DiskStore(CacheStore):
                 meta.last_access,
                 meta.hits,
                 meta.saved_steps,
+                meta.alias_of,
             ),
         )
         self._meta[meta.entry_id] = meta
 
-    def _read(self, meta):
-        tensors = {}
+    def _read(self, meta, names):
         with safe_open(str(self._path(meta.entry_id)), framework="pt") as f:
             header = f.metadata()
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                tensors[name] = f.get_tensor(name)
+            stored = f.keys()
+            tensors = {name: f.get_tensor(name) for name in stored if names is None or name in names}
         return CacheEntry.from_tensors(tensors, header, meta)
 
     def _delete(self, entry_id):

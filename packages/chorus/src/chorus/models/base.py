@@ -108,17 +108,6 @@ class FlowVideoDiTAdapter:
             ).hexdigest()[:16],
         }
 
-    def check_size(self, height: int, width: int, num_frames: int) -> None:
-        """Refuse sizes the model cannot take (WanPipeline would silently round them)."""
-        multiple = self.codec.scale_spatial * self.patch_size[1]
-        for label, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value <= 0 or value % multiple:
-                raise ValueError(f"{label}={value!r}: must be a positive multiple of {multiple} for {self.name}")
-        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % self.codec.scale_temporal:
-            raise ValueError(
-                f"num_frames={num_frames!r}: must be 1 + a multiple of {self.codec.scale_temporal} for {self.name}"
-            )
-
     def latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, ...]:
         s = self.codec.scale_spatial
         return (

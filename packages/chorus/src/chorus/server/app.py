@@ -15,10 +15,7 @@ import json
 import logging
 import math
 import time
-import urllib.parse
 from contextlib import asynccontextmanager
-from email import policy
-from email.parser import BytesParser
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -31,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .jobs import JobStore, QueueFullError, is_job_id
 from .metrics import Metrics
-from .schema import ApiError, ModelLimits, bad, parse_create, video_object
+from .schema import ApiError, CreateVideoBody, ServerLimits, bad, format_seconds, video_object
 from .worker import Worker
 
 log = logging.getLogger("chorus.server")
@@ -69,7 +66,7 @@ def create_app(
     metrics = Metrics(store, engine.cache)
     worker = Worker(engine, store, data_dir / "videos", fps, metrics)
     worker.sweep()
-    limits = ModelLimits.from_engine(engine, model_id, fps)
+    limits = ServerLimits.from_engine(engine, model_id, fps)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -115,16 +112,16 @@ def create_app(
 
     @app.post("/v1/videos")
     async def create_video(request: Request):
-        body = _parse_body(request.headers.get("content-type", ""), await _read_body(request, max_body_bytes))
-        checked = parse_create(body, limits, engine.adapter.check_size)
+        body, checked = CreateVideoBody.parse(await _read_fields(request, max_body_bytes), limits)
+        seconds = body.seconds if body.seconds is not None else limits.max_seconds
         try:
             job = await run_in_threadpool(
                 store.add,
-                model=checked.model,
+                model=limits.model_id,
                 prompt=checked.prompt,
-                seconds=checked.seconds,
-                size=checked.size,
-                params=checked.engine_params(),
+                seconds=format_seconds(seconds),
+                size=f"{checked.width}x{checked.height}",
+                params=checked.model_dump(exclude={"prompt"}),
             )
         except QueueFullError as exc:
             metrics.refused.inc()
@@ -244,6 +241,39 @@ def create_app(
 # ---- request bodies -----------------------------------------------------------------------------------------
 
 
+async def _read_fields(request: Request, limit: int) -> dict:
+    """The body's fields from JSON, multipart/form-data (what the openai client sends) or a urlencoded form, read
+    only up to `limit` bytes."""
+    raw = await _read_body(request, limit)
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not raw.strip():
+        raise bad(None, "the request body is empty; expected a JSON object with at least a prompt", "invalid_body")
+    if kind in ("application/json", ""):
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise bad(None, f"the request body is not valid JSON: {exc}", "invalid_json") from None
+        if not isinstance(body, dict):
+            raise bad(None, "the request body must be a JSON object", "invalid_body")
+        return body
+    if kind not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        raise ApiError(415, f"unsupported content type {kind!r}; send JSON or a form", code="unsupported_media_type")
+
+    async def replay():  # the body was read under the size limit; python-multipart parses it from memory
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_part_size=limit)
+    except (StarletteHTTPException, UnicodeDecodeError, ValueError) as exc:  # starlette's 400 for a bad form
+        raise bad(None, f"the form body cannot be parsed: {getattr(exc, 'detail', exc)}", "invalid_body") from None
+    fields = {}
+    for name, value in form.multi_items():
+        if name in fields:
+            raise bad(name, f"{name} is given more than once", "duplicate_parameter")
+        fields[name] = value if isinstance(value, str) else "<file>"  # an upload: refused by its field's check
+    return fields
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -255,59 +285,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise ApiError(413, f"request body over {limit} bytes", code="body_too_large")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _parse_body(content_type: str, raw: bytes) -> dict:
-    """JSON, multipart/form-data (what the openai client sends) or a urlencoded form, as a dict of fields."""
-    kind = content_type.split(";")[0].strip().lower()
-    if not raw.strip():
-        raise bad(None, "the request body is empty; expected a JSON object with at least a prompt", "invalid_body")
-    if kind in ("application/json", ""):
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise bad(None, f"the request body is not valid JSON: {exc}", "invalid_json") from None
-        if not isinstance(body, dict):
-            raise bad(None, "the request body must be a JSON object", "invalid_body")
-        return body
-    if kind == "multipart/form-data":
-        return _parse_multipart(content_type, raw)
-    if kind == "application/x-www-form-urlencoded":
-        try:
-            pairs = urllib.parse.parse_qsl(raw.decode("utf-8"), keep_blank_values=True, strict_parsing=True)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise bad(None, f"the form body cannot be parsed: {exc}", "invalid_body") from None
-        return _unique_fields(pairs)
-    raise ApiError(415, f"unsupported content type {kind!r}; send JSON or a form", code="unsupported_media_type")
-
-
-def _parse_multipart(content_type: str, raw: bytes) -> dict:
-    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1", "replace")
-    message = BytesParser(policy=policy.HTTP).parsebytes(head + raw)
-    if not message.is_multipart() or message.defects:
-        raise bad(None, "the multipart body cannot be parsed", "invalid_body")
-    pairs = []
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if not name:
-            raise bad(None, "a multipart part has no field name", "invalid_body")
-        if part.get_filename() is not None:
-            pairs.append((name, b"<file>"))  # files are refused by field name below
-            continue
-        try:
-            pairs.append((name, (part.get_payload(decode=True) or b"").decode("utf-8")))
-        except UnicodeDecodeError:
-            raise bad(name, f"{name}: not valid UTF-8", "invalid_body") from None
-    return _unique_fields(pairs)
-
-
-def _unique_fields(pairs) -> dict:
-    fields = {}
-    for name, value in pairs:
-        if name in fields:
-            raise bad(name, f"{name} is given more than once", "duplicate_parameter")
-        fields[name] = value
-    return fields
 
 
 # ---- observation: metrics and one structured log line per request ---------------------------------------------

@@ -225,3 +225,15 @@ def alignment(prompt: str | PromptSpec, frames_or_analysis) -> float:
     hits = attribute_hits(spec, analysis)
     flat = [h for values in hits.values() for h in values]
     return sum(flat) / len(flat)
+
+
+def visibly_different(a: Analysis, b: Analysis) -> bool:
+    """Whether two clips of one prompt differ visibly: an object starts at least 2 pixels apart or differs in size,
+    or the object counts differ (how seed diversity is measured)."""
+    for oa in a.objects:
+        ob = b.find(oa.colour)
+        if ob is None:
+            return True
+        if np.hypot(oa.start[0] - ob.start[0], oa.start[1] - ob.start[1]) >= 2.0 or oa.size != ob.size:
+            return True
+    return a.count != b.count

@@ -41,17 +41,6 @@ def generate(engine, prompt: str, seed: int, steps: int) -> np.ndarray:
     return engine.generate(prompt, seed=seed, num_inference_steps=steps, cache_policy="off").frames
 
 
-def _visibly_different(a: analyzer.Analysis, b: analyzer.Analysis) -> bool:
-    for oa in a.objects:
-        ob = b.find(oa.colour)
-        if ob is None:
-            return True
-        dist = np.hypot(oa.start[0] - ob.start[0], oa.start[1] - ob.start[1])
-        if dist >= 2.0 or oa.size != ob.size:
-            return True
-    return a.count != b.count
-
-
 def _score(engine, items, steps: int, progress: bool = True, desc: str = ""):
     """Generate each (spec, prompt) with seed = its index and analyse the video; yields (index, spec, text, frames,
     analysis, alignment score) one prompt at a time."""
@@ -77,7 +66,7 @@ def evaluate(engine, n: int = 200, steps: int = 4, pairs: int = 20, seed: int = 
         by_wording["held-out words" if uses_heldout else "training words only"].append(score)
         if i < pairs:
             other = generate(engine, text, i + 100_000, steps)
-            diverse.append(_visibly_different(result, analyzer.analyze(other)))
+            diverse.append(analyzer.visibly_different(result, analyzer.analyze(other)))
             pixel_diff.append(float(np.abs(frames - other).mean()))
     seconds = time.perf_counter() - t0
     accuracy = {k: float(np.mean(v)) for k, v in hits.items() if v}

@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
-# The Triton backend's tests run its kernels in Triton's interpreter, which must be on before triton is first imported
-# (triton.language's own helpers are compiled or interpreted as it is imported); the backend is asked for by name.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
 

@@ -1,7 +1,8 @@
 """The Triton backend: its kernels under Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) against the
 grid_sample reference and the CPU kernels (values and the three gradients, both backward modes, float64, float32,
 float16 and bfloat16), the kernels compiled ahead of time for an H100, and the backend selector. Shapes stay small:
-the interpreter runs every program in NumPy."""
+the interpreter runs every program in NumPy. Where CUDA exists (tests/conftest.py then leaves the interpreter off)
+the same tests run the compiled kernels on the GPU."""
 
 from __future__ import annotations
 
@@ -19,21 +20,22 @@ from xmsda.reference import ms_deform_attn_core_pytorch
 
 from .conftest import make_inputs
 
-
-@pytest.fixture
-def interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+# where the Triton backend's tests put their tensors: the CPU in Triton's interpreter, else the GPU
+DEVICE = "cpu" if backends.triton._interpreting() else "cuda"
 
 
 def grads(value, ss, lsi, loc, attn, grad_out, **options):
-    """Output and gradients of value, locations and weights of the op (or the reference, without `options`)."""
-    inputs = [t.detach().clone().requires_grad_() for t in (value, loc, attn)]
+    """Output and gradients of value, locations and weights of the op (or the reference, without `options`), on the
+    CPU; the Triton backend computes them on DEVICE."""
+    device = DEVICE if options.get("backend") == "triton" else "cpu"
+    ss, lsi = ss.to(device), lsi.to(device)
+    inputs = [t.detach().to(device).requires_grad_() for t in (value, loc, attn)]
     if options:
         out = xmsda.ms_deform_attn(inputs[0], ss, lsi, inputs[1], inputs[2], **options)
     else:
         out = ms_deform_attn_core_pytorch(inputs[0], ss, inputs[1], inputs[2])
-    out.backward(grad_out.to(out.dtype))
-    return [out.detach(), *(t.grad for t in inputs)]
+    out.backward(grad_out.to(device, out.dtype))
+    return [t.cpu() for t in (out.detach(), *(t.grad for t in inputs))]
 
 
 def grad_output(value, loc, seed=1):
@@ -47,7 +49,6 @@ def assert_all_close(results, expected, **tol):
         torch.testing.assert_close(a, b, **tol)
 
 
-@pytest.mark.usefixtures("interpreter")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_values_and_gradients_match_the_reference_in_both_modes(dtype):
     # points inside, straddling the border and outside (locations in [-0.2, 1.2]), three levels (one a single pixel),
@@ -75,24 +76,24 @@ def test_values_and_gradients_match_the_reference_in_both_modes(dtype):
     assert all(torch.equal(a, b) for a, b in zip(deterministic, again, strict=True))
 
 
-@pytest.mark.usefixtures("interpreter")
-def test_gradcheck_on_the_border_and_outside():
-    value, ss, lsi, _, attn = make_inputs(N=1, shapes=((4, 5), (2, 3)), Q=4, M=2, D=3, P=4)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gradcheck_on_the_border_and_outside(deterministic):
+    value, ss, lsi, _, attn = make_inputs(N=1, shapes=((4, 5), (2, 3)), Q=4, M=2, D=3, P=2)
     # x and y on the map's outer edge, just inside, and well outside (no corner inside)
     edge = torch.tensor(
         [[0.0, 0.33], [1.0, 0.61], [0.42, 0.0], [0.77, 1.0], [0.0, 1.0], [1.0, 0.0], [-0.5, 0.5], [0.5, 1.5]]
     )
-    loc = edge[torch.arange(4 * 2 * 2 * 4) % len(edge)].view(1, 4, 2, 2, 4, 2).to(torch.float64)
+    loc = edge[torch.arange(4 * 2 * 2 * 2) % len(edge)].view(1, 4, 2, 2, 2, 2).to(torch.float64)
+    ss, lsi = ss.to(DEVICE), lsi.to(DEVICE)
 
     def f(v, lo, a):
-        return xmsda.ms_deform_attn(v, ss, lsi, lo, a, backend="triton", deterministic=True)
+        return xmsda.ms_deform_attn(v, ss, lsi, lo, a, backend="triton", deterministic=deterministic)
 
     # fast mode: a random projection of the Jacobian (the interpreter is too slow for all of it)
-    inputs = [t.detach().clone().requires_grad_() for t in (value, loc, attn)]
+    inputs = [t.detach().to(DEVICE).requires_grad_() for t in (value, loc, attn)]
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
 
 
-@pytest.mark.usefixtures("interpreter")
 def test_points_on_pixel_centres_and_non_finite_locations():
     # power-of-two maps make (i + 0.5) / W exact: the pixel coordinate is exactly the integer i, where bilinear
     # interpolation has a kink, so the location gradient must take grid_sample's cell there; non-finite locations
@@ -119,24 +120,22 @@ def test_points_on_pixel_centres_and_non_finite_locations():
         assert_all_close(result, expected)
 
 
-@pytest.mark.usefixtures("interpreter")
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_offsets_op_matches_the_cpu_kernels(deterministic):
     value, ss, lsi, loc, attn = make_inputs(N=2, shapes=((5, 6), (3, 3)), Q=5, M=2, D=4, P=3, dtype=torch.float32)
     ref = torch.rand(2, 5, 2, 2, generator=torch.Generator().manual_seed(2))
     offsets = (loc - ref[:, :, None, :, None, :]) * 5.0
 
-    def run(**options):
-        inputs = [t.detach().clone().requires_grad_() for t in (value, ref, offsets, attn)]
-        out = xmsda.ms_deform_attn_offsets(inputs[0], ss, lsi, *inputs[1:], **options)
-        out.backward(grad_output(value, loc).float())
-        return [out.detach(), *(t.grad for t in inputs)]
+    def run(device, **options):
+        inputs = [t.detach().to(device).requires_grad_() for t in (value, ref, offsets, attn)]
+        out = xmsda.ms_deform_attn_offsets(inputs[0], ss.to(device), lsi.to(device), *inputs[1:], **options)
+        out.backward(grad_output(value, loc).to(device, torch.float32))
+        return [t.cpu() for t in (out.detach(), *(t.grad for t in inputs))]
 
-    result = run(backend="triton", deterministic=deterministic)
-    assert_all_close(result, run(backend="cpu"), atol=1e-5, rtol=1e-5)
+    result = run(DEVICE, backend="triton", deterministic=deterministic)
+    assert_all_close(result, run("cpu", backend="cpu"), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.usefixtures("interpreter")
 def test_wide_heads_and_many_points_match_the_cpu_kernels():
     # 33 channels (a 64-wide tile, mostly masked) and 7 points on one level
     inputs = make_inputs(N=1, shapes=((5, 4),), Q=3, M=1, D=33, P=7, dtype=torch.float32)
@@ -161,7 +160,6 @@ def _order_sensitive_inputs():
     return value, ss, lsi, loc, attn
 
 
-@pytest.mark.usefixtures("interpreter")
 def test_deterministic_mode_is_chosen_explicitly_or_by_torch():
     inputs = _order_sensitive_inputs()
     grad_out = torch.ones(1, 1, 1, dtype=torch.float64)
@@ -199,11 +197,8 @@ def test_explicit_backends_compute_the_same():
     torch.testing.assert_close(direct, expected[0])
 
 
-def test_a_backend_that_cannot_take_the_tensors_says_why(monkeypatch):
+def test_a_backend_that_cannot_take_the_tensors_says_why():
     inputs = make_inputs(N=1, shapes=((4, 4),), Q=2, M=1, D=4, P=1)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match=r"backend 'triton' cannot take cpu tensors.*TRITON_INTERPRET=1"):
-        xmsda.ms_deform_attn(*inputs, backend="triton")
     with pytest.raises(ValueError, match="backend 'cpu' cannot take cuda tensors: it runs on CPU tensors"):
         backends.select("cpu", torch.device("cuda"))
     with pytest.raises(ValueError, match="backend must be None or one of \\['cpu', 'triton', 'reference'\\]"):
@@ -235,7 +230,8 @@ def _compile_for_h100(kernel, pointers, constants):
 
 
 def compile_all_for_h100(dtype):
-    kernels = backends.triton.kernels(interpret=False)
+    kernels = backends.triton.kernels()
+    assert not backends.triton._interpreting()
     inputs = {name: f"*{dtype}" for name in ("value_ptr", "loc_ptr", "ref_ptr", "attn_ptr", "grad_out_ptr")}
     outputs = {name: "*fp32" for name in ("out_ptr", "grad_value_ptr", "grad_loc_ptr", "grad_attn_ptr", "weights_ptr")}
     pointers = inputs | outputs | {"keys_ptr": "*i32"}
@@ -246,12 +242,32 @@ def compile_all_for_h100(dtype):
     _compile_for_h100(kernels.value_grad_kernel, pointers, {"BLOCK_R": 64, "BLOCK_D": 32})
 
 
-@pytest.mark.slow
-def test_kernels_compile_for_an_h100():
-    # the interpreter runs the kernels as Python; the compiler checks what it does not (types, layouts, loops). In a
-    # fresh process: Triton's interpreter leaves triton.language patched after it runs a kernel's helper functions.
-    code = "from tests.xmsda.test_triton import compile_all_for_h100 as c; c('fp32'); c('bf16')"
+def refuse_cpu_tensors_without_the_interpreter():
+    """In a process that imported triton without the interpreter: the Triton backend refuses CPU tensors, saying how
+    to get the interpreter, also when TRITON_INTERPRET=1 comes too late."""
+    inputs = make_inputs(N=1, shapes=((4, 4),), Q=2, M=1, D=4, P=1)
+    with pytest.raises(ValueError, match=r"backend 'triton' cannot take cpu tensors.*set TRITON_INTERPRET=1 before"):
+        xmsda.ms_deform_attn(*inputs, backend="triton")
+    os.environ["TRITON_INTERPRET"] = "1"
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1 was set after triton was imported"):
+        xmsda.ms_deform_attn(*inputs, backend="triton")
+
+
+def in_a_process_without_the_interpreter(code):
+    """Run `code` in a fresh Python that imports triton without the interpreter (triton.language is interpreted or
+    compiled for a whole process, from its first import on), with this module imported as `t`."""
     root = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
+    code = f"import tests.xmsda.test_triton as t; {code}"
     result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_without_the_interpreter_cpu_tensors_are_refused():
+    in_a_process_without_the_interpreter("t.refuse_cpu_tensors_without_the_interpreter()")
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_an_h100():
+    # the interpreter runs the kernels as Python; the compiler checks what it does not (types, layouts, loops)
+    in_a_process_without_the_interpreter("t.compile_all_for_h100('fp32'); t.compile_all_for_h100('bf16')")

@@ -1,5 +1,6 @@
 """The `triton` backend: the Triton kernels of `xmsda.kernels.triton` on CUDA tensors, and on CPU tensors through
-Triton's interpreter when TRITON_INTERPRET=1 (slow: it runs every program in NumPy; for testing the kernels).
+Triton's interpreter when the process imported triton with TRITON_INTERPRET=1 (slow: it runs every program in NumPy;
+for testing the kernels).
 
 Triton is an optional dependency (`pip install 'xmsda[triton]'`); it is imported on first use. The backward's value
 gradient is made with atomics, or without them when `deterministic` (see kernels/triton.py).
@@ -19,7 +20,14 @@ NAME = "triton"
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether Triton runs kernels in its interpreter in this process. Triton decides it when it is first imported:
+    triton.language's own helpers (tl.zeros, tl.sum) are then made interpreted or compiled by TRITON_INTERPRET, and
+    kernels of the other kind cannot call them. Importing triton here, if nothing has yet, decides it by the
+    environment now."""
+    import triton.language.standard
+    from triton.runtime.jit import JITFunction
+
+    return not isinstance(triton.language.standard.cdiv, JITFunction)
 
 
 def unavailable(device: torch.device) -> str | None:
@@ -30,17 +38,25 @@ def unavailable(device: torch.device) -> str | None:
     if device.type == "cpu":
         if _interpreting():
             return None
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return (
+                "it runs on CPU tensors only through Triton's interpreter, and TRITON_INTERPRET=1 was set after "
+                "triton was imported (torch.compile and diffusers import it): set it before the process first imports "
+                "triton, e.g. in the environment"
+            )
         return (
             "it runs on CUDA tensors, and on CPU tensors only through Triton's interpreter: set TRITON_INTERPRET=1 "
-            "(slow; for testing the kernels), or pick backend='cpu'"
+            "before triton is imported (slow; for testing the kernels), or pick backend='cpu'"
         )
     return "it runs on CUDA tensors"
 
 
 @functools.cache
-def kernels(interpret: bool):
-    """The kernels module, compiled or run by Triton's interpreter. `triton.jit` picks one of the two when it decorates
-    a function (by TRITON_INTERPRET), so each gets its own copy of the module, and a process can have both."""
+def kernels():
+    """The kernels module, made in the mode triton.language was imported in (`_interpreting`): `triton.jit` picks
+    interpreted or compiled by TRITON_INTERPRET as it decorates each kernel, so the module is executed under the
+    matching setting, as a copy of its own that an earlier plain import cannot have made in the other mode."""
+    interpret = _interpreting()
     name = f"xmsda.kernels.triton_{'interpreted' if interpret else 'compiled'}"
     origin = importlib.util.find_spec("xmsda.kernels.triton").origin
     spec = importlib.util.spec_from_file_location(name, origin)
@@ -71,7 +87,7 @@ def _compute_dtype(dtype):
 
 def _common(value, levels, loc, ref, attn):
     """The kernels module for these tensors, their contiguous forms and the level tensors on their device."""
-    module = kernels(_interpreting())
+    module = kernels()
     index = {"dtype": torch.int64, "device": value.device}
     shapes = levels.spatial_shapes.to(**index).contiguous()
     starts = levels.level_start_index.to(**index).contiguous()

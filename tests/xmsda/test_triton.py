@@ -18,7 +18,7 @@ import xmsda
 from xmsda import backends
 from xmsda.reference import ms_deform_attn_core_pytorch
 
-from .conftest import make_inputs
+from .conftest import make_inputs, pixel_centre_locations
 
 # where the Triton backend's tests put their tensors: the CPU in Triton's interpreter, else the GPU
 DEVICE = "cpu" if backends.triton._interpreting() else "cuda"
@@ -100,11 +100,7 @@ def test_points_on_pixel_centres_and_non_finite_locations():
     # sample nothing and get zero gradients (the reference, at such points, returns NaN: compared off the map)
     shapes = ((4, 8), (2, 4))
     value, ss, lsi, _, attn = make_inputs(N=1, shapes=shapes, Q=6, M=2, D=5, P=2)
-    g = torch.Generator().manual_seed(3)
-    loc = torch.empty(1, 6, 2, 2, 2, 2, dtype=torch.float64)
-    for lvl, (H, W) in enumerate(shapes):
-        loc[..., lvl, :, 0] = (torch.randint(0, W, (1, 6, 2, 2), generator=g) + 0.5) / W
-        loc[..., lvl, :, 1] = (torch.randint(0, H, (1, 6, 2, 2), generator=g) + 0.5) / H
+    loc = pixel_centre_locations(shapes, Q=6, M=2, P=2)
     off_map = loc.clone()
     bad = {(0, 0, 0, 0): float("nan"), (1, 1, 1, 1): float("inf"), (2, 0, 1, 0): -float("inf")}
     for (q, m, lvl, p), x in bad.items():

@@ -42,6 +42,12 @@ def _query_block(Q, M, D, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _level(shapes_ptr, starts_ptr, lvl):
+    """Level lvl's height, width and first row in S."""
+    return tl.load(shapes_ptr + 2 * lvl), tl.load(shapes_ptr + 2 * lvl + 1), tl.load(starts_ptr + lvl)
+
+
+@triton.jit
 def _pixel(loc, size):
     """The pixel coordinate of a normalised location, rounded as the CPU reference (ATen's grid_sample) gets it: the
     grid 2*loc - 1, then fma(grid + 1, size / 2, -1/2). Points on pixel centres then land in the same cell."""
@@ -154,9 +160,7 @@ def forward_kernel(
     head = value_ptr + n * S * M * D + m * D
     acc = tl.zeros((BLOCK_Q, BLOCK_D), CT)
     for lvl in range(L):
-        H = tl.load(shapes_ptr + 2 * lvl)
-        W = tl.load(shapes_ptr + 2 * lvl + 1)
-        start = tl.load(starts_ptr + lvl)
+        H, W, start = _level(shapes_ptr, starts_ptr, lvl)
         for p in range(P):
             _, h0, w0, lh, lw, a, valid, _, _ = _point(
                 loc_ptr, ref_ptr, attn_ptr, nq, q_mask, m, lvl, p, H, W, M, L, P, HAS_REF, CT
@@ -207,9 +211,7 @@ def backward_kernel(
     tile = (nq * M + m)[:, None] * D + d[None, :]
     g = tl.load(grad_out_ptr + tile, mask=q_mask[:, None] & d_mask[None, :], other=0.0).to(CT)
     for lvl in range(L):
-        H = tl.load(shapes_ptr + 2 * lvl)
-        W = tl.load(shapes_ptr + 2 * lvl + 1)
-        start = tl.load(starts_ptr + lvl)
+        H, W, start = _level(shapes_ptr, starts_ptr, lvl)
         for p in range(P):
             pidx, h0, w0, lh, lw, a, valid, scale_x, scale_y = _point(
                 loc_ptr, ref_ptr, attn_ptr, nq, q_mask, m, lvl, p, H, W, M, L, P, HAS_REF, CT

@@ -174,6 +174,14 @@ def test_xmsda_offsets_op_and_reference_backend_on_cuda():
             torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
 
 
+def test_xmsda_reference_backend_refuses_a_deterministic_backward_on_cuda():
+    inputs = _xmsda_inputs(N=1, Q=4)
+    grad_out = torch.randn(1, 4, 16, device="cuda")
+    with pytest.raises(ValueError, match="backend 'reference' has no deterministic backward for cuda tensors"):
+        _xmsda_grads(inputs, grad_out, backend="reference", deterministic=True)
+    _xmsda_grads(inputs, grad_out, backend="reference", deterministic=False)
+
+
 def test_xmsda_module_compiles_and_trains_on_cuda_under_autocast():
     from xmsda.nn import MSDeformAttn
 

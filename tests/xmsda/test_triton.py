@@ -175,6 +175,21 @@ def test_deterministic_mode_is_chosen_explicitly_or_by_torch():
         torch.use_deterministic_algorithms(before)
 
 
+def test_deterministic_gradients_do_not_depend_on_how_the_work_is_split(monkeypatch):
+    # 32 points of 8 queries piled on a few pixels of one map, in float32: each value-gradient row sums many
+    # contributions, so an order that followed the programs (their blocks of queries or rows) would change its bits,
+    # as it does the atomic mode's
+    inputs = make_inputs(N=1, shapes=((3, 4),), Q=8, M=1, D=4, P=4, dtype=torch.float32, spread=(0.3, 0.7))
+    grad_out = grad_output(inputs[0], inputs[3])
+    first = grads(*inputs, grad_out, backend="triton", deterministic=True)
+    channels = backends.triton.blocks(4)[1]
+    for block in (1, 2):
+        monkeypatch.setattr(backends.triton, "blocks", lambda _, block=block: (block, channels))
+        again = grads(*inputs, grad_out, backend="triton", deterministic=True)
+        assert all(torch.equal(a, b) for a, b in zip(again, first, strict=True))
+    assert_all_close(first, grads(*inputs, grad_out), atol=1e-5, rtol=1e-5)
+
+
 def test_backend_none_picks_by_device():
     assert backends.select(None, torch.device("cpu")) is backends.cpu
     assert backends.select(None, torch.device("cuda")) is backends.triton  # Triton is installed here

@@ -33,6 +33,12 @@ def forward(value, levels, loc, ref, attn):
 
 def backward(grad_output, value, levels, loc, ref, attn, deterministic):
     """Gradients of value, `loc` and attention weights. Autograd is off inside a custom op; torch.func's vjp
-    differentiates regardless. (grid_sample's own backward decides whether it is deterministic.)"""
+    differentiates regardless. grid_sample's CUDA backward adds with atomics: no deterministic mode there (under
+    torch.use_deterministic_algorithms grid_sample raises or warns itself; an explicit request is refused here)."""
+    if deterministic and value.device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
+        raise ValueError(
+            "backend 'reference' has no deterministic backward for cuda tensors (grid_sample's adds with atomics): "
+            "pick backend='triton', or deterministic=False"
+        )
     _, vjp = torch.func.vjp(lambda v, lo, a: core(v, levels, lo, ref, a), value.detach(), loc.detach(), attn.detach())
     return vjp(grad_output)

@@ -38,6 +38,15 @@ def pixel_centre_locations(shapes, Q, M, P, seed=3):
     return loc
 
 
+def assert_ratios_point_the_right_way(entry, baseline, key):
+    """In a bench report's phase `entry`, the ratio `key` of a variant is above 1 exactly where it ran faster than
+    `baseline`, whose own ratio is 1."""
+    base = entry[baseline]["median_s"]
+    assert entry[baseline][key] == 1.0
+    for e in entry.values():
+        assert (e[key] > 1) == (e["median_s"] < base)
+
+
 @pytest.fixture
 def torch_threads():
     """Set torch's intra-op thread count (which the op's kernels follow) inside a test and restore it afterwards."""

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from xmsda import bench, buffers
@@ -39,6 +40,7 @@ def test_bench_cli_reports_every_variant_phase_and_the_free_core(tmp_path, capsy
     assert (bench.GLIBC_NOTE in out) == bench.faults_every_call(result["machine"])
 
 
+@pytest.mark.slow  # compiles the generic kernel
 def test_bench_head_dim_keeps_the_channels_and_times_the_generic_forward_kernel(tmp_path, capsys):
     # tiny has 2 heads of 16 channels; 32-channel heads: one of SPECIALISED_CHANNELS, so the generic kernel differs
     report = tmp_path / "bench.json"
@@ -93,6 +95,7 @@ def test_train_step_computes_the_gradients_of_the_inputs_too():
         assert all(leaf.grad is not None and leaf.grad.abs().sum() > 0 for leaf in step.inputs)
 
 
+@pytest.mark.slow  # subprocesses
 def test_memory_probe_measures_a_phase_in_a_subprocess():
     # 16 heads of 256 channels on tiny's 120 queries: a 1.9 MiB output. The reference holds each level's sampled
     # values, [N*M, D, Q, P] (twice the output), for both levels at once before it sums them; the op holds its output.
@@ -104,6 +107,7 @@ def test_memory_probe_measures_a_phase_in_a_subprocess():
     assert op < reference / 4
 
 
+@pytest.mark.slow  # subprocesses
 def test_bench_names_the_memory_allocator(tmp_path):
     # glibc's malloc, with the settings that change it: a real process with a real environment
     probe = [sys.executable, "-c", "from xmsda.bench import memory_allocator; print(memory_allocator())"]

@@ -32,7 +32,13 @@ def test_bench_model_times_both_variants_and_compares_their_outputs(tmp_path, ca
     assert result["machine"]["allocator"] in out and not xt.enabled()  # the switch is off again
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-mask2former", "tiny-rt-detr", "tiny-grounding-dino"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tiny",
+        *(pytest.param(n, marks=pytest.mark.slow) for n in ("tiny-mask2former", "tiny-rt-detr", "tiny-grounding-dino")),
+    ],
+)
 def test_each_variant_runs_its_own_attention_core_and_trains_the_same_parameters(name):
     import torch
 
@@ -66,6 +72,7 @@ def test_each_variant_runs_its_own_attention_core_and_trains_the_same_parameters
     assert trained_sets[0] == trained_sets[1]  # xmsda trains the same parameters as transformers
 
 
+@pytest.mark.slow  # full-size model
 def test_the_default_model_is_deformable_detr_with_a_resnet50_backbone():
     model = build_model(MODELS["deformable-detr"])
     config = model.config
@@ -78,6 +85,7 @@ def test_the_default_model_is_deformable_detr_with_a_resnet50_backbone():
     )
 
 
+@pytest.mark.slow  # full-size model
 def test_the_mask2former_model_is_the_papers_resnet50_one():
     model = build_model(MODELS["mask2former"])
     config = model.config
@@ -89,6 +97,7 @@ def test_the_mask2former_model_is_the_papers_resnet50_one():
     assert (attention.n_levels, attention.n_heads, attention.n_points) == (3, 8, 4)
 
 
+@pytest.mark.slow  # full-size model
 def test_the_rt_detr_model_is_the_papers_resnet50_one():
     model = build_model(MODELS["rt-detr"])
     config = model.config
@@ -99,6 +108,7 @@ def test_the_rt_detr_model_is_the_papers_resnet50_one():
     assert (attention.n_levels, attention.n_heads, attention.n_points) == (3, 8, 4)
 
 
+@pytest.mark.slow  # full-size model
 def test_the_grounding_dino_model_is_the_papers_swin_t_one():
     model = build_model(MODELS["grounding-dino"])
     config = model.config

@@ -1,7 +1,7 @@
 """The op's backends and the one place that picks among them.
 
   cpu        fused numba kernels (`xmsda.kernels.cpu`), CPU tensors
-  triton     Triton kernels (`xmsda.kernels.triton`), CUDA tensors; CPU tensors under TRITON_INTERPRET=1
+  triton     Triton kernels (`xmsda.kernels.triton`), CUDA tensors; CPU tensors in Triton's interpreter
   reference  the grid_sample formulation (`xmsda.reference`), any device
 
 `backend=None` picks by device: `cpu` for CPU tensors, `triton` for CUDA tensors where Triton is installed, else the

@@ -1,6 +1,6 @@
 """Checks that need an NVIDIA GPU: Chorus on a diffusers Wan pipeline and the built-in model on CUDA, and xMSDA's
-CUDA fallback. Collected everywhere, run only where `torch.cuda.is_available()` (CI has no GPU; see README
-"Testing on a GPU" for the command and the last recorded run)."""
+Triton backend. Collected everywhere, run only where `torch.cuda.is_available()` (CI has no GPU;
+`scripts/gpu_check.sh` runs them with the benchmarks)."""
 
 from __future__ import annotations
 
@@ -72,36 +72,84 @@ def test_builtin_model_serves_and_reuses_on_cuda():
     engine.close()
 
 
-def test_xmsda_cuda_tensors_use_the_reference_with_a_warning():
-    import xmsda
-    from xmsda import ops
+def _xmsda_inputs(N=2, shapes=((6, 7), (3, 4)), Q=5, M=2, D=8, P=3, dtype=torch.float32, spread=(-0.2, 1.2)):
+    """Random op inputs on the GPU, points inside, on the border and outside the maps (tests/xmsda's builder)."""
+    from tests.xmsda.conftest import make_inputs
+
+    inputs = make_inputs(N=N, shapes=shapes, Q=Q, M=M, D=D, P=P, dtype=dtype, spread=spread)
+    return [t.cuda() for t in inputs]
+
+
+def _xmsda_grads(inputs, grad_out, **options):
+    """Output and gradients of value, locations and weights: the op with `options`, or without them the reference."""
+    from xmsda import ms_deform_attn
     from xmsda.reference import ms_deform_attn_core_pytorch
 
-    torch.manual_seed(0)
-    shapes = torch.tensor([[6, 7], [3, 4]], device="cuda")
-    start = torch.tensor([0, 42], device="cuda")
-    value = torch.randn(2, 54, 2, 8, device="cuda", requires_grad=True)
-    loc = torch.rand(2, 5, 2, 2, 3, 2, device="cuda", requires_grad=True)
-    weights = torch.rand(2, 5, 2, 2, 3, device="cuda").softmax(-1).requires_grad_()
-    ops._warned_device = False
-    with pytest.warns(RuntimeWarning, match="no kernel for cuda"):
-        out = xmsda.ms_deform_attn(value, shapes, start, loc, weights)
-    expected = ms_deform_attn_core_pytorch(value, shapes, loc, weights)
-    assert out.device.type == "cuda"
-    torch.testing.assert_close(out, expected)
-    grads = torch.autograd.grad(out.sum(), (value, loc, weights))
-    expected_grads = torch.autograd.grad(expected.sum(), (value, loc, weights))
-    for g, e in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(g, e)
-    # callers of the registered op itself (torch.compile graphs, torch.ops users) get the same
-    direct = torch.ops.xmsda.ms_deform_attn(value, shapes, start, loc, weights)
-    torch.testing.assert_close(direct, expected)
-    direct_grads = torch.autograd.grad(direct.sum(), (value, loc, weights))
-    for g, e in zip(direct_grads, expected_grads, strict=True):
-        torch.testing.assert_close(g, e)
+    value, ss, lsi, loc, attn = inputs
+    leaves = [t.detach().clone().requires_grad_() for t in (value, loc, attn)]
+    if options:
+        out = ms_deform_attn(leaves[0], ss, lsi, leaves[1], leaves[2], **options)
+    else:
+        out = ms_deform_attn_core_pytorch(leaves[0], ss, leaves[1], leaves[2])
+    out.backward(grad_out.to(out.dtype))
+    return [out.detach(), *(t.grad for t in leaves)]
 
 
-def test_xmsda_offsets_op_on_cuda_uses_the_reference():
+def test_xmsda_cuda_tensors_run_the_triton_kernels_in_both_modes():
+    from xmsda import backends
+
+    assert backends.select(None, torch.device("cuda")) is backends.triton
+    for dtype, tol in ((torch.float64, {}), (torch.float32, {"atol": 1e-4, "rtol": 1e-4})):
+        inputs = _xmsda_inputs(N=2, shapes=((24, 31), (12, 16), (6, 8), (3, 4)), Q=300, M=4, D=32, P=4, dtype=dtype)
+        grad_out = torch.randn(2, 300, 128, device="cuda", dtype=dtype)
+        expected = _xmsda_grads(inputs, grad_out)
+        for deterministic in (False, True):
+            result = _xmsda_grads(inputs, grad_out, deterministic=deterministic)
+            for a, b in zip(result, expected, strict=True):
+                torch.testing.assert_close(a, b, **tol)
+    # odd head sizes, many points, one level of one pixel
+    inputs = _xmsda_inputs(N=1, shapes=((5, 9), (1, 1)), Q=40, M=3, D=71, P=9, dtype=torch.float64)
+    grad_out = torch.randn(1, 40, 213, device="cuda", dtype=torch.float64)
+    for a, b in zip(_xmsda_grads(inputs, grad_out, deterministic=True), _xmsda_grads(inputs, grad_out), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_xmsda_deterministic_backward_is_bit_identical_where_atomics_collide():
+    # every point of 2000 queries in a 3x3-pixel window: thousands of additions per value-gradient row
+    inputs = _xmsda_inputs(N=1, shapes=((32, 32),), Q=2000, M=8, D=32, P=4, spread=(0.45, 0.55))
+    grad_out = torch.randn(1, 2000, 256, device="cuda")
+    first = _xmsda_grads(inputs, grad_out, deterministic=True)
+    for _ in range(10):
+        again = _xmsda_grads(inputs, grad_out, deterministic=True)
+        assert all(torch.equal(a, b) for a, b in zip(again, first, strict=True))
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        chosen_by_torch = _xmsda_grads(inputs, grad_out, backend="triton")
+        assert all(torch.equal(a, b) for a, b in zip(chosen_by_torch, first, strict=True))
+    finally:
+        torch.use_deterministic_algorithms(before)
+    fast = _xmsda_grads(inputs, grad_out, deterministic=False)
+    for a, b in zip(fast, first, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
+
+
+def test_xmsda_half_precision_on_cuda_computes_in_float32():
+    for dtype in (torch.float16, torch.bfloat16):
+        inputs = _xmsda_inputs(N=2, shapes=((12, 16), (6, 8)), Q=50, M=2, D=16, P=4)
+        low = [t.to(dtype) if t.is_floating_point() else t for t in inputs]
+        exact = [t.float() if t.is_floating_point() else t for t in low]
+        grad_out = torch.randn(2, 50, 32, device="cuda").to(dtype)
+        expected = _xmsda_grads(exact, grad_out.float())
+        eps = torch.finfo(dtype).eps
+        for deterministic in (False, True):
+            result = _xmsda_grads(low, grad_out, deterministic=deterministic)
+            assert all(t.dtype == dtype for t in result)
+            for a, b in zip(result, expected, strict=True):
+                torch.testing.assert_close(a.float(), b, atol=8 * eps * b.abs().max().item(), rtol=2 * eps)
+
+
+def test_xmsda_offsets_op_and_reference_backend_on_cuda():
     from xmsda.ops import locations_from_offsets, ms_deform_attn_offsets
     from xmsda.reference import ms_deform_attn_core_pytorch
 
@@ -117,8 +165,37 @@ def test_xmsda_offsets_op_on_cuda_uses_the_reference():
     expected_grads = torch.autograd.grad(expected.sum(), leaves)
     for out in (
         ms_deform_attn_offsets(value, shapes, start, ref, offsets, weights),
+        ms_deform_attn_offsets(value, shapes, start, ref, offsets, weights, deterministic=True),
+        ms_deform_attn_offsets(value, shapes, start, ref, offsets, weights, backend="reference"),
         torch.ops.xmsda.ms_deform_attn_offsets(value, shapes, start, ref, offsets, weights),
     ):
-        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
         for g, e in zip(torch.autograd.grad(out.sum(), leaves), expected_grads, strict=True):
-            torch.testing.assert_close(g, e)
+            torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+def test_xmsda_reference_backend_refuses_a_deterministic_backward_on_cuda():
+    inputs = _xmsda_inputs(N=1, Q=4)
+    grad_out = torch.randn(1, 4, 16, device="cuda")
+    with pytest.raises(ValueError, match="backend 'reference' has no deterministic backward for cuda tensors"):
+        _xmsda_grads(inputs, grad_out, backend="reference", deterministic=True)
+    _xmsda_grads(inputs, grad_out, backend="reference", deterministic=False)
+
+
+def test_xmsda_module_compiles_and_trains_on_cuda_under_autocast():
+    from xmsda.nn import MSDeformAttn
+
+    torch.manual_seed(0)
+    module = MSDeformAttn(d_model=64, n_levels=2, n_heads=2, n_points=4).cuda()
+    ss = torch.tensor([[16, 20], [8, 10]], device="cuda")
+    lsi = torch.tensor([0, 320], device="cuda")
+    query, flat = torch.randn(2, 400, 64, device="cuda"), torch.randn(2, 400, 64, device="cuda")
+    ref_points = torch.rand(2, 400, 2, 2, device="cuda")
+    eager = module(query, ref_points, flat, ss, lsi)
+    compiled = torch.compile(module, fullgraph=True)
+    torch.testing.assert_close(compiled(query, ref_points, flat, ss, lsi), eager, atol=1e-5, rtol=1e-5)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = module(query, ref_points, flat, ss, lsi)
+    out.float().square().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.parameters())

@@ -27,6 +27,26 @@ def make_inputs(N=2, shapes=((6, 7), (3, 4)), Q=5, M=2, D=4, P=2, dtype=torch.fl
     return value, spatial_shapes, level_start_index, loc, attn
 
 
+def pixel_centre_locations(shapes, Q, M, P, seed=3):
+    """Locations `[1, Q, M, L, P, 2]` on random pixel centres of power-of-two maps, where (i + 0.5) / W is exact: the
+    pixel coordinate is then exactly the integer i, where bilinear interpolation has a kink."""
+    g = torch.Generator().manual_seed(seed)
+    loc = torch.empty(1, Q, M, len(shapes), P, 2, dtype=torch.float64)
+    for lvl, (H, W) in enumerate(shapes):
+        loc[..., lvl, :, 0] = (torch.randint(0, W, (1, Q, M, P), generator=g) + 0.5) / W
+        loc[..., lvl, :, 1] = (torch.randint(0, H, (1, Q, M, P), generator=g) + 0.5) / H
+    return loc
+
+
+def assert_ratios_point_the_right_way(entry, baseline, key):
+    """In a bench report's phase `entry`, the ratio `key` of a variant is above 1 exactly where it ran faster than
+    `baseline`, whose own ratio is 1."""
+    base = entry[baseline]["median_s"]
+    assert entry[baseline][key] == 1.0
+    for e in entry.values():
+        assert (e[key] > 1) == (e["median_s"] < base)
+
+
 @pytest.fixture
 def torch_threads():
     """Set torch's intra-op thread count (which the op's kernels follow) inside a test and restore it afterwards."""

@@ -120,6 +120,7 @@ def test_threads_get_distinct_buffers_and_agree(cache):
             assert torch.equal(got, want)
 
 
+@pytest.mark.slow  # subprocesses
 def test_the_limit_comes_from_the_environment_and_a_bad_one_is_refused():
     def limit_in_child(setting):
         env = {**os.environ, "XMSDA_BUFFER_CACHE_MB": setting}

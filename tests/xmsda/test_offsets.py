@@ -104,6 +104,7 @@ def test_registrations_pass_torch_opcheck(op, make_args):
     torch.library.opcheck(op, args)
 
 
+@pytest.mark.slow  # gradgradcheck; test_op.py's runs in the quick tier
 def test_second_order_gradients():
     # double backward in every input, reference points included (see test_op's test of the same name)
     value, ss, lsi, ref, offsets, attn = make_offset_inputs(N=1, shapes=((4, 5), (2, 3)), Q=3, M=2, D=3, P=2)

@@ -14,7 +14,7 @@ from xmsda.kernels import cpu as cpu_kernels
 from xmsda.kernels import simd
 from xmsda.reference import ms_deform_attn_core_pytorch, ms_deform_attn_gather
 
-from .conftest import assert_same_across_thread_counts, level_tensors, make_inputs
+from .conftest import assert_same_across_thread_counts, level_tensors, make_inputs, pixel_centre_locations
 
 
 def op(value, spatial_shapes, level_start_index, loc, attn):
@@ -143,11 +143,7 @@ def test_points_exactly_on_pixel_centres():
     # with grid_sample's (which takes the upper-right cell, as the kernels do) and gradcheck covers the rest.
     shapes = ((4, 8), (2, 4))
     value, ss, lsi, _, attn = make_inputs(N=1, shapes=shapes, Q=6, M=2, D=5, P=2)
-    g = torch.Generator().manual_seed(3)
-    loc = torch.empty(1, 6, 2, 2, 2, 2, dtype=torch.float64)
-    for lvl, (H, W) in enumerate(shapes):
-        loc[..., lvl, :, 0] = (torch.randint(0, W, (1, 6, 2, 2), generator=g) + 0.5) / W
-        loc[..., lvl, :, 1] = (torch.randint(0, H, (1, 6, 2, 2), generator=g) + 0.5) / H
+    loc = pixel_centre_locations(shapes, Q=6, M=2, P=2)
     gradcheck(value, ss, lsi, loc, attn, wrt=(True, False, True))
     out, *gr = grads(op, value, ss, lsi, loc, attn)
     out_ref, *gr_ref = grads(ms_deform_attn_core_pytorch, value, ss, lsi, loc, attn)

@@ -8,6 +8,7 @@ import sys
 import textwrap
 import threading
 
+import pytest
 import torch
 
 import xmsda
@@ -52,6 +53,7 @@ FORKED_CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # forks a child that compiles
 def test_a_process_forked_after_the_kernels_ran_falls_back_to_the_reference():
     # GNU OpenMP cannot run in a forked child (numba would terminate it); the op computes the same result and
     # gradients there through the grid_sample reference, with a warning that says why and how to keep the kernels.

@@ -1,11 +1,17 @@
 """Benchmark: the xmsda op against the grid_sample reference and a gather-based PyTorch formulation.
 
-Three variants compute the same function by default, a fourth on request (`--variants ...,inductor`):
-  xmsda        the fused op (`xmsda.ms_deform_attn`)
+Three variants compute the same function by default (on CUDA a fourth), more on request (`--variants ...`):
+  xmsda        the fused op (`xmsda.ms_deform_attn`; on CUDA the Triton backend, its backward with atomics)
+  xmsda-deterministic  the op with `deterministic=True` (on CUDA a default: the Triton backward without atomics)
   grid_sample  Deformable DETR's / mmcv's reference (`reference.ms_deform_attn_core_pytorch`)
   gather       corner gathers in stock PyTorch (`reference.ms_deform_attn_gather`)
   inductor     the grid_sample reference under `torch.compile` (its default backend, inductor): what compiling the
                reference buys. Its warm-up run compiles it (tens of seconds per phase), so it is not a default.
+  cuda-ext     Deformable DETR's CUDA extension (`MultiScaleDeformableAttention`, or mmcv's op), CUDA only, a default
+               where one is installed.
+
+`device` "cuda" runs every variant on the GPU (the report then gives CUDA peak memory, measured in process, and no
+CPU profile or roofline).
 
 Phases: `forward` (no autograd), `backward` (the backward pass alone, after an untimed forward with autograd),
 `module_forward` (a whole `MSDeformAttn` module, no autograd: inference) and `train_step` (the module as inside a
@@ -38,19 +44,38 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 
 import numba
 import numpy as np
 import torch
 
-from . import buffers
+from .harness import (
+    FREE_CORE,
+    GLIBC_NOTE,
+    FreeCore,
+    faults_every_call,
+    interleaved_times,
+    memory_allocator,
+    memory_setup,
+    set_threads,
+    tensor_pages,
+    time_once,
+)
 from .nn import MSDeformAttn
-from .ops import _compute_dtype, _new_tensor, locations_from_offsets, ms_deform_attn
-from .reference import ms_deform_attn_core_pytorch, ms_deform_attn_gather
+from .ops import ms_deform_attn, ms_deform_attn_offsets
+from .reference import locations_from_offsets, ms_deform_attn_core_pytorch, ms_deform_attn_gather
 
-__all__ = ["PRESETS", "Preset", "run_benchmark"]
+__all__ = [
+    "FREE_CORE",
+    "GLIBC_NOTE",
+    "PRESETS",
+    "Preset",
+    "faults_every_call",
+    "memory_allocator",
+    "run_benchmark",
+    "tensor_pages",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,13 +130,63 @@ def _inductor_reference(value, spatial_shapes, level_start_index, loc, attn):
     return _compiled_reference()(value, [tuple(hw) for hw in spatial_shapes.tolist()], loc, attn)
 
 
+def _cuda_extension():
+    """The original CUDA op as an autograd function of the op's arguments, where one is installed: Deformable DETR's
+    compiled `MultiScaleDeformableAttention` (its models/ops), else mmcv's; None otherwise."""
+    try:
+        import MultiScaleDeformableAttention as msda  # Deformable DETR's models/ops/setup.py builds this module
+    except ImportError:
+        msda = None
+    if msda is not None:
+
+        class DeformableDetrFunction(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, value, shapes, starts, loc, attn):
+                ctx.save_for_backward(value, shapes, starts, loc, attn)
+                return msda.ms_deform_attn_forward(value, shapes, starts, loc, attn, 64)
+
+            @staticmethod
+            def backward(ctx, grad_output):
+                value, shapes, starts, loc, attn = ctx.saved_tensors
+                grads = msda.ms_deform_attn_backward(value, shapes, starts, loc, attn, grad_output.contiguous(), 64)
+                return grads[0], None, None, grads[1], grads[2]
+
+        return DeformableDetrFunction.apply
+    try:
+        from mmcv.ops.multi_scale_deform_attn import MultiScaleDeformableAttnFunction
+    except ImportError:
+        return None
+    return lambda v, ss, lsi, loc, a: MultiScaleDeformableAttnFunction.apply(v, ss, lsi, loc, a, 64)
+
+
+def _cuda_extension_variant(value, spatial_shapes, level_start_index, loc, attn):
+    function = _cuda_extension()
+    if function is None:
+        raise RuntimeError("cuda-ext: neither Deformable DETR's MultiScaleDeformableAttention nor mmcv is installed")
+    return function(value, spatial_shapes, level_start_index, loc, attn)
+
+
 VARIANTS: dict[str, Callable] = {
     "xmsda": ms_deform_attn,
+    "xmsda-deterministic": functools.partial(ms_deform_attn, deterministic=True),
     "grid_sample": lambda v, ss, lsi, loc, a: ms_deform_attn_core_pytorch(v, ss, loc, a),
     "gather": lambda v, ss, lsi, loc, a: ms_deform_attn_gather(v, ss, loc, a),
     "inductor": _inductor_reference,
+    "cuda-ext": _cuda_extension_variant,
 }
 DEFAULT_VARIANTS = ("xmsda", "grid_sample", "gather")
+# Variants that run on CUDA tensors only
+CUDA_VARIANTS = ("cuda-ext",)
+
+
+def default_variants(device: str = "cpu") -> tuple[str, ...]:
+    """The variants `xmsda bench` times on `device` unless told otherwise."""
+    if device == "cpu":
+        return DEFAULT_VARIANTS
+    extension = ("cuda-ext",) if _cuda_extension() is not None else ()
+    return ("xmsda", "xmsda-deterministic", "grid_sample", "gather", *extension)
+
+
 # Variants whose first run at a shape compiles: the memory probe runs them once at full size before it measures.
 COMPILED_VARIANTS = ("inductor",)
 PHASES = ("forward", "backward", "module_forward", "train_step")
@@ -135,8 +210,9 @@ def _reference_points(preset: Preset, g: torch.Generator) -> torch.Tensor:
     return torch.cat(centres)
 
 
-def make_op_inputs(preset: Preset, dtype=torch.float32, seed=0):
-    """Op inputs as a trained model produces them: points a few pixels around each query's reference point."""
+def make_op_inputs(preset: Preset, dtype=torch.float32, seed=0, device="cpu"):
+    """Op inputs as a trained model produces them: points a few pixels around each query's reference point (drawn on
+    the CPU, then moved to `device`)."""
     g = torch.Generator().manual_seed(seed)
     N, Q, M, D, P = preset.batch, preset.num_queries, preset.heads, preset.head_dim, preset.points
     spatial_shapes, level_start_index = _level_tensors(preset.shapes)
@@ -146,7 +222,8 @@ def make_op_inputs(preset: Preset, dtype=torch.float32, seed=0):
     offsets = torch.randn(N, Q, M, L, P, 2, generator=g) * 2.0 * pixel
     loc = _reference_points(preset, g).view(1, Q, 1, 1, 1, 2) + offsets
     attn = torch.randn(N, Q, M, L * P, generator=g).softmax(-1).view(N, Q, M, L, P)
-    return [t.to(dtype) if t.is_floating_point() else t for t in (value, spatial_shapes, level_start_index, loc, attn)]
+    tensors = (value, spatial_shapes, level_start_index, loc, attn)
+    return [(t.to(dtype) if t.is_floating_point() else t).to(device) for t in tensors]
 
 
 class _Module(MSDeformAttn):
@@ -157,7 +234,7 @@ class _Module(MSDeformAttn):
         L = len(preset.shapes)
         super().__init__(preset.heads * preset.head_dim, L, preset.heads, preset.points)
         self.variant = variant
-        self.fuse_locations = variant == "xmsda"
+        self.fuse_locations = variant.startswith("xmsda")
 
     def attend(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
         core = VARIANTS[self.variant]
@@ -167,14 +244,14 @@ class _Module(MSDeformAttn):
         self, value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights
     ):
         if self.fuse_locations:
-            return super().attend_offsets(
-                value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights
-            )
+            deterministic = True if self.variant == "xmsda-deterministic" else None
+            tensors = (value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_weights)
+            return ms_deform_attn_offsets(*tensors, deterministic=deterministic)
         loc = locations_from_offsets(reference_points, sampling_offsets, spatial_shapes)
         return self.attend(value, spatial_shapes, level_start_index, loc, attention_weights)
 
 
-def make_module_inputs(preset: Preset, dtype=torch.float32, seed=0):
+def make_module_inputs(preset: Preset, dtype=torch.float32, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     C = preset.heads * preset.head_dim
     spatial_shapes, level_start_index = _level_tensors(preset.shapes)
@@ -182,12 +259,12 @@ def make_module_inputs(preset: Preset, dtype=torch.float32, seed=0):
     flat = torch.randn(preset.batch, preset.positions, C, generator=g, dtype=dtype)
     query = flat if preset.queries is None else torch.randn(preset.batch, preset.queries, C, generator=g, dtype=dtype)
     ref = _reference_points(preset, g).to(dtype).view(1, -1, 1, 2).expand(preset.batch, -1, L, 2).contiguous()
-    return query, ref, flat, spatial_shapes, level_start_index
+    return tuple(t.to(device) for t in (query, ref, flat, spatial_shapes, level_start_index))
 
 
-def _make_module(preset: Preset, variant: str, dtype, seed=0) -> _Module:
+def _make_module(preset: Preset, variant: str, dtype, seed=0, device="cpu") -> _Module:
     torch.manual_seed(seed)
-    module = _Module(preset, variant).to(dtype)
+    module = _Module(preset, variant).to(dtype=dtype, device=device)
     # Mid-training weights: with Deformable DETR's initialisation every point sits exactly on a pixel centre.
     with torch.no_grad():
         module.sampling_offsets.weight.normal_(0.0, 0.02)
@@ -195,12 +272,18 @@ def _make_module(preset: Preset, variant: str, dtype, seed=0) -> _Module:
     return module
 
 
-def _phase_runner(preset: Preset, variant: str, phase: str, dtype) -> Callable[[], None]:
-    """A closure that runs one phase once (inputs built up front)."""
+def _phase_runner(preset: Preset, variant: str, phase: str, dtype, device="cpu") -> Callable[[], None]:
+    """A closure that runs one phase once (inputs built up front on `device`, which it carries for timing)."""
+    runner = _make_phase_runner(preset, variant, phase, dtype, device)
+    runner.device = device
+    return runner
+
+
+def _make_phase_runner(preset: Preset, variant: str, phase: str, dtype, device) -> Callable[[], None]:
     fn = VARIANTS[variant]
     if phase == "module_forward":
-        module = _make_module(preset, variant, dtype)
-        inputs = make_module_inputs(preset, dtype)
+        module = _make_module(preset, variant, dtype, device=device)
+        inputs = make_module_inputs(preset, dtype, device=device)
 
         def module_forward():
             with torch.no_grad():
@@ -209,8 +292,8 @@ def _phase_runner(preset: Preset, variant: str, phase: str, dtype) -> Callable[[
         module_forward.module = module
         return module_forward
     if phase == "train_step":
-        module = _make_module(preset, variant, dtype)
-        inputs = make_module_inputs(preset, dtype)
+        module = _make_module(preset, variant, dtype, device=device)
+        inputs = make_module_inputs(preset, dtype, device=device)
         # Inside a network the query and the flattened maps come from trainable layers below (in Deformable DETR the
         # backbone's input projection, then each encoder layer), so a step also computes their gradients.
         query, _, flat, _, _ = inputs
@@ -218,7 +301,7 @@ def _phase_runner(preset: Preset, variant: str, phase: str, dtype) -> Callable[[
         opt = torch.optim.SGD(module.parameters(), lr=1e-4)
         # The gradient the layers above would send back. A loss computed here (a mean square, say) would be work of
         # the harness, not of the module: ~50 ms of elementwise passes over the output in every variant.
-        grad_output = torch.randn(query.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+        grad_output = torch.randn(query.shape, generator=torch.Generator().manual_seed(1), dtype=dtype).to(device)
 
         def train_step():
             opt.zero_grad(set_to_none=True)
@@ -230,7 +313,7 @@ def _phase_runner(preset: Preset, variant: str, phase: str, dtype) -> Callable[[
         train_step.module = module
         train_step.inputs = leaves
         return train_step
-    value, ss, lsi, loc, attn = make_op_inputs(preset, dtype)
+    value, ss, lsi, loc, attn = make_op_inputs(preset, dtype, device=device)
     if phase == "forward":
 
         def forward():
@@ -239,7 +322,7 @@ def _phase_runner(preset: Preset, variant: str, phase: str, dtype) -> Callable[[
 
         return forward
     leaves = [t.requires_grad_() for t in (value, loc, attn)]
-    grad = torch.randn(preset.batch, preset.num_queries, preset.heads * preset.head_dim, dtype=dtype)
+    grad = torch.randn(preset.batch, preset.num_queries, preset.heads * preset.head_dim, dtype=dtype).to(device)
     state = {}
 
     def prepare():
@@ -254,41 +337,6 @@ def _phase_runner(preset: Preset, variant: str, phase: str, dtype) -> Callable[[
     return backward
 
 
-def _time(runner: Callable[[], None]) -> float:
-    prepare = getattr(runner, "prepare", None)
-    if prepare is not None:
-        prepare()
-    t0 = time.perf_counter()
-    runner()
-    return time.perf_counter() - t0
-
-
-def _interleaved_times(
-    runners: dict[str, Callable[[], None]], repeat: int, log: Callable[[str], None] | None = None, label: str = ""
-) -> dict[str, list[float]]:
-    """Seconds of `repeat` runs of each runner after one warm-up each. Interleaved, so that outside load hits every
-    runner alike, and in a rotating order: a run right after another's can pay for it (freed memory faulted back in,
-    the other thread pool still spinning). `log` gets a progress line per round."""
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for runner in runners.values():
-        _time(runner)
-    names = list(runners)
-    for i in range(repeat):
-        for name in names[i % len(names) :] + names[: i % len(names)]:
-            times[name].append(_time(runners[name]))
-        if log is not None:
-            log(f"{label} {i + 1}/{repeat}: " + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items()))
-    return times
-
-
-def set_threads(threads: int | None) -> int:
-    """torch's thread count (which the op follows) and numba's (for the profile's direct kernel calls)."""
-    threads = threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    return threads
-
-
 def _read_status(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -301,15 +349,15 @@ def _memory_child(preset_name: str, heads: int, head_dim: int, variant: str, pha
     """Subprocess entry: print the resident-memory growth (bytes) of one phase run once."""
     set_threads(threads)
     dtype = getattr(torch, dtype_name)
-    _time(_phase_runner(PRESETS["tiny"], variant, phase, dtype))  # load kernels, initialise lazy state
+    time_once(_phase_runner(PRESETS["tiny"], variant, phase, dtype))  # load kernels, initialise lazy state
     preset = dataclasses.replace(PRESETS[preset_name], heads=heads, head_dim=head_dim)
     runner = _phase_runner(preset, variant, phase, dtype)
     if variant in COMPILED_VARIANTS:
-        _time(runner)  # compile for these shapes; the compiler's own memory is not the phase's
+        time_once(runner)  # compile for these shapes; the compiler's own memory is not the phase's
     baseline = _read_status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
-    _time(runner)  # for `backward`, this includes the forward with autograd: what it saves is the backward's cost
+    time_once(runner)  # for `backward`, this includes the forward with autograd: what it saves is the backward's cost
     print(json.dumps({"peak_bytes": _read_status("VmHWM") - baseline}))
 
 
@@ -321,6 +369,16 @@ def measure_memory(preset: Preset, variant: str, phase: str, dtype, threads: int
         print(f"memory probe {variant}/{phase} failed: {proc.stderr.strip()[-500:]}", file=sys.stderr)
         return None
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+def measure_cuda_memory(preset: Preset, variant: str, phase: str, dtype) -> int:
+    """Peak CUDA memory (bytes) one run of a phase allocates beyond its inputs (torch's allocator statistics)."""
+    runner = _phase_runner(preset, variant, phase, dtype, "cuda")
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    time_once(runner)
+    return torch.cuda.max_memory_allocated() - baseline
 
 
 def profile_op(preset: Preset, dtype=torch.float32, repeat: int = 5) -> dict[str, float]:
@@ -366,7 +424,7 @@ def profile_op(preset: Preset, dtype=torch.float32, repeat: int = 5) -> dict[str
         "  backward kernel, all gathers in L1": backward_kernel(args_l1, order),
     }
     # interleaved like the variants: timed one after another, the op and its kernels met different load
-    return {name: statistics.median(t) for name, t in _interleaved_times(pieces, repeat).items()}
+    return {name: statistics.median(t) for name, t in interleaved_times(pieces, repeat).items()}
 
 
 def profile_train_step(preset: Preset, dtype=torch.float32, top: int = 8) -> list[dict]:
@@ -385,42 +443,20 @@ def profile_train_step(preset: Preset, dtype=torch.float32, top: int = 8) -> lis
     ]
 
 
-def _zeros_like_the_op(*shape, dtype):
-    """Zeros allocated as the op allocates its outputs (from its buffer cache, in its compute dtype)."""
-    return _new_tensor(*shape, dtype=_compute_dtype(dtype), zeroed=True).to(dtype)
-
-
-class _FreeCore(torch.autograd.Function):
-    """Stands in for the sampling core (with the location arithmetic, which xmsda's is fused with) at no cost beyond
-    allocating its output and zero gradients as the op does, so that the linear layers upstream still get gradients:
-    a module step with it measures everything but the core."""
-
-    @staticmethod
-    def forward(ctx, value, sampling_locations, attention_weights):
-        ctx.shapes = value.shape, sampling_locations.shape, attention_weights.shape
-        N, _, M, D = value.shape
-        return _zeros_like_the_op(N, sampling_locations.shape[1], M * D, dtype=value.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        return tuple(_zeros_like_the_op(*shape, dtype=grad_output.dtype) for shape in ctx.shapes)
-
-
-FREE_CORE = "free-core"
 UNFUSED = "xmsda-unfused"
 
 
-def _free_core_runner(preset: Preset, phase: str, dtype) -> Callable[[], None]:
-    """A module phase whose sampling core is `_FreeCore`: the time no core, however fast, can remove."""
-    runner = _phase_runner(preset, "xmsda", phase, dtype)
-    runner.module.attend_offsets = lambda v, ss, lsi, ref, offsets, attn: _FreeCore.apply(v, offsets, attn)
+def _free_core_runner(preset: Preset, phase: str, dtype, device="cpu") -> Callable[[], None]:
+    """A module phase whose sampling core is `FreeCore`: the time no core, however fast, can remove."""
+    runner = _phase_runner(preset, "xmsda", phase, dtype, device)
+    runner.module.attend_offsets = lambda v, ss, lsi, ref, offsets, attn: FreeCore.apply(v, offsets, attn)
     return runner
 
 
-def _unfused_runner(preset: Preset, phase: str, dtype) -> Callable[[], None]:
+def _unfused_runner(preset: Preset, phase: str, dtype, device="cpu") -> Callable[[], None]:
     """A module phase of the xmsda module with the sampling locations computed in torch and passed to
     `ms_deform_attn`, as before `ms_deform_attn_offsets`: what fusing the location arithmetic saves."""
-    runner = _phase_runner(preset, "xmsda", phase, dtype)
+    runner = _phase_runner(preset, "xmsda", phase, dtype, device)
     runner.module.fuse_locations = False
     return runner
 
@@ -448,82 +484,15 @@ def roofline(preset: Preset, seconds: dict[str, float], dtype=torch.float32) -> 
     }
 
 
-# Allocators a process may have preloaded (LD_PRELOAD), as PyTorch's CPU tuning guide and `torch.backends.xeon.run_cpu`
-# suggest: they keep freed memory for reuse where glibc's malloc returns blocks over its mmap threshold to the OS.
-_PRELOADED_ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")
-
-
-GLIBC_NOTE = (
-    "  (under glibc's malloc grid_sample and gather fault their large intermediates in again on every call. For a\n"
-    "  tuned baseline preload a caching allocator (LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4)\n"
-    "  or, second best, put torch's tensors on huge pages (THP_MEM_ALLOC_ENABLE=1))"
-)
-
-
-def memory_allocator(maps_path: str = "/proc/self/maps") -> str:
-    """The C allocator this process runs on: a preloaded one, found among the mapped libraries, else glibc's malloc
-    with any MALLOC_* settings from the environment. It decides much of grid_sample's time: glibc gives each freed
-    buffer over its mmap threshold back to the OS, so a reference step that allocates gigabytes pays a page fault per
-    4 KiB of them on every call, which a caching allocator does not."""
-    try:
-        with open(maps_path) as f:
-            libraries = {line.split()[-1] for line in f if "/" in line}
-    except OSError:
-        libraries = set()
-    for name in _PRELOADED_ALLOCATORS:
-        found = sorted(lib for lib in libraries if f"lib{name}" in os.path.basename(lib))
-        if found:
-            return f"{name} ({os.path.basename(found[0])})"
-    settings = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES")
-    return "glibc malloc" + (f" ({', '.join(settings)})" if settings else " (default settings)")
-
-
-def faults_every_call(machine: dict) -> bool:
-    """Whether the reference's large intermediates are faulted in again, 4 KiB at a time, on every call: under glibc's
-    malloc with its mmap threshold at the default, and torch's tensors on small pages."""
-    allocator = machine["allocator"]
-    threshold_set = "MALLOC_MMAP_THRESHOLD_" in allocator or "mmap_threshold" in allocator
-    return allocator.startswith("glibc") and not threshold_set and not machine["tensors_on_huge_pages"]
-
-
-def tensor_pages(thp_path: str = "/sys/kernel/mm/transparent_hugepage/enabled") -> tuple[bool, str]:
-    """Whether torch's large CPU tensors get transparent huge pages, and the two settings that decide it: the
-    kernel's THP mode and torch's THP_MEM_ALLOC_ENABLE (only "1" turns it on), with which torch advises the kernel to
-    back each buffer of 2 MiB or more with huge pages. On huge pages a fresh buffer faults in 2 MiB at a time, so
-    under glibc's malloc the reference's faults shrink about 20x (a fresh 44 MB tensor: 10.7 k -> 525 faults here)."""
-    try:
-        with open(thp_path) as f:
-            selected = [word[1:-1] for word in f.read().split() if word.startswith("[")]
-        mode = selected[0] if selected else "unknown"
-    except OSError:
-        mode = "unavailable"
-    flag = os.environ.get("THP_MEM_ALLOC_ENABLE")
-    huge = mode == "always" or (mode == "madvise" and flag == "1")
-    settings = f"kernel THP {mode}, THP_MEM_ALLOC_ENABLE={'unset' if flag is None else flag}"
-    return huge, f"torch tensors on {'huge' if huge else '4 KiB'} pages ({settings})"
-
-
-def memory_setup() -> dict:
-    """The report's memory fields: the allocator, whether torch's tensors are on huge pages (see above) and how much
-    unused memory the op's buffer cache may keep (`xmsda.buffers`)."""
-    on_huge_pages, pages = tensor_pages()
-    return {
-        "allocator": memory_allocator(),
-        "tensor_pages": pages,
-        "tensors_on_huge_pages": on_huge_pages,
-        "buffer_cache_limit_bytes": buffers.limit(),
-    }
-
-
 def machine_limits(threads: int) -> dict[str, float]:
     """Measured streaming bandwidth (bytes/s) and float32 matmul throughput (flop/s) with `threads` threads."""
     x = torch.empty(64 * 2**20 // 4).normal_()
     y = torch.empty_like(x)
     y.copy_(x)
-    copy = min(_time(lambda: y.copy_(x)) for _ in range(5))
+    copy = min(time_once(lambda: y.copy_(x)) for _ in range(5))
     a = torch.randn(1024, 1024)
     a @ a
-    mm = min(_time(lambda: a @ a) for _ in range(5))
+    mm = min(time_once(lambda: a @ a) for _ in range(5))
     return {"copy_bytes_per_s": 2 * x.numel() * 4 / copy, "matmul_flop_per_s": 2 * 1024**3 / mm, "threads": threads}
 
 
@@ -531,13 +500,20 @@ def run_benchmark(
     preset: Preset,
     threads: int | None = None,
     repeat: int = 5,
-    variants=DEFAULT_VARIANTS,
+    variants=None,
     phases=PHASES,
     dtype=torch.float32,
     memory: bool = True,
     profile: bool = True,
     log=print,
+    device: str = "cpu",
 ) -> dict:
+    """Time `variants` (None: `default_variants(device)`) in `phases` on `device` ("cpu" or "cuda"). On CUDA the
+    profile covers the free-core and unfused module rows only (the op's pieces and the roofline are the CPU's)."""
+    variants = default_variants(device) if variants is None else tuple(variants)
+    cuda = device == "cuda"
+    if not cuda and any(v in CUDA_VARIANTS for v in variants):
+        raise ValueError(f"variants {[v for v in variants if v in CUDA_VARIANTS]} run on CUDA only (device 'cuda')")
     threads = set_threads(threads)
     result = {
         "preset": dataclasses.asdict(preset)
@@ -551,28 +527,33 @@ def run_benchmark(
             "torch": torch.__version__,
             "numba": numba.__version__,
             "numba_threading_layer": None,
+            "device": torch.cuda.get_device_name() if cuda else "cpu",
         }
         | memory_setup(),
         "phases": {},
     }
     for phase in phases:
-        runners = {v: _phase_runner(preset, v, phase, dtype) for v in variants}
+        runners = {v: _phase_runner(preset, v, phase, dtype, device) for v in variants}
         if phase in MODULE_PHASES and profile:
-            runners[FREE_CORE] = _free_core_runner(preset, phase, dtype)
+            runners[FREE_CORE] = _free_core_runner(preset, phase, dtype, device)
             if "xmsda" in variants:
-                runners[UNFUSED] = _unfused_runner(preset, phase, dtype)
-        times = _interleaved_times(runners, repeat, log, phase)
+                runners[UNFUSED] = _unfused_runner(preset, phase, dtype, device)
+        times = interleaved_times(runners, repeat, log, phase)
         del runners
         entry = {v: {"median_s": statistics.median(t), "times_s": t} for v, t in times.items()}
         if memory:
             for v in variants:
-                entry[v]["peak_bytes"] = measure_memory(preset, v, phase, dtype, threads)
+                if cuda:
+                    entry[v]["peak_bytes"] = measure_cuda_memory(preset, v, phase, dtype)
+                else:
+                    entry[v]["peak_bytes"] = measure_memory(preset, v, phase, dtype, threads)
         if "grid_sample" in entry:
             for v in entry:
                 entry[v]["speedup_vs_grid_sample"] = entry["grid_sample"]["median_s"] / entry[v]["median_s"]
         result["phases"][phase] = entry
-    result["machine"]["numba_threading_layer"] = numba.threading_layer()
-    if profile and "xmsda" in variants:
+    if not cuda:  # numba names its threading layer once it has run parallel code
+        result["machine"]["numba_threading_layer"] = numba.threading_layer()
+    if profile and "xmsda" in variants and not cuda:
         result["profile"] = {
             "op_pieces_s": profile_op(preset, dtype),
             "train_step_top_ops": profile_train_step(preset, dtype),
@@ -594,11 +575,14 @@ def format_report(result: dict) -> str:
         f"memory allocator {result['machine']['allocator']}; {result['machine']['tensor_pages']}; "
         f"xmsda buffer cache up to {result['machine']['buffer_cache_limit_bytes'] / 2**20:.0f} MiB",
     ]
-    if faults_every_call(result["machine"]):
+    device = result["machine"].get("device", "cpu")
+    if device != "cpu":
+        lines.append(f"device {device} (CUDA; peak memory from torch.cuda.max_memory_allocated)")
+    elif faults_every_call(result["machine"]):
         lines.append(GLIBC_NOTE)
     lines += [
         "",
-        f"{'phase':<14} {'variant':<13} {'median':>10} {'vs grid_sample':>15} {'peak memory':>12}",
+        f"{'phase':<14} {'variant':<19} {'median':>10} {'vs grid_sample':>15} {'peak memory':>12}",
     ]
     for phase, entry in result["phases"].items():
         for v, e in entry.items():
@@ -606,7 +590,7 @@ def format_report(result: dict) -> str:
             peak_s = "n/a" if peak is None else f"{peak / 2**20:.0f} MiB"
             ratio = e.get("speedup_vs_grid_sample")
             ratio_s = "" if ratio is None else f"{ratio:.1f}x"
-            lines.append(f"{phase:<14} {v:<13} {e['median_s'] * 1e3:>8.1f}ms {ratio_s:>15} {peak_s:>12}")
+            lines.append(f"{phase:<14} {v:<19} {e['median_s'] * 1e3:>8.2f}ms {ratio_s:>15} {peak_s:>12}")
     prof = result.get("profile")
     if prof:
         lines += ["", "xmsda op, where the time goes (median):"]

@@ -1,10 +1,10 @@
 """Memory for the ops' large outputs and gradients, kept and reused across calls.
 
 A fresh buffer costs its first touch: the kernel faults its pages in and zeroes them, and on a VM whose host takes
-freed memory back (virtio-balloon free page reporting, as on this repository's machine) the host backs them again,
-~1 ms per MB. glibc's malloc, the default, returns every freed block over its mmap threshold (at most 32 MiB) to the
-OS, so without this cache a detr-encoder training step paid that for its 45 MB outputs and gradients in most steps
-(docs/xmsda.md, "Buffer cache"). A caching allocator (tcmalloc) avoids it too; with one, the cache gains nothing.
+freed memory back (virtio-balloon free page reporting) the host backs them again. glibc's malloc, the default,
+returns every freed block over its mmap threshold (at most 32 MiB) to the OS, so without this cache a detr-encoder
+training step pays that for its 45 MB outputs and gradients in most steps (docs/xmsda/kernels.md, "Buffer cache").
+A caching allocator (tcmalloc) avoids it too; with one, the cache gains nothing.
 
 Buffers of `MIN_BYTES` or more come from here (smaller ones stay with malloc, whose heap reuses them anyway). A
 buffer goes back to the cache when the last tensor using its memory is freed, never earlier, and the cache keeps at
@@ -71,8 +71,8 @@ def idle_bytes() -> int:
 def new_tensor(shape, dtype: np.dtype, zeroed: bool = False) -> torch.Tensor:
     """An uninitialised (or, `zeroed`, zero-filled by torch's threads) CPU tensor of NumPy `dtype`. Its memory is
     NumPy's, which advises the kernel to back large arrays with transparent huge pages: a fresh 45 MB buffer takes
-    ~20 page faults instead of ~11,000 (allocating and filling one took 2.7 ms instead of 11 ms here). Zeroing up
-    front is faster than calloc's pages faulting in one by one inside a kernel (detr-decoder backward 8.3 vs 15 ms)."""
+    ~20 page faults instead of ~11,000. Zeroing up front is faster than calloc's pages faulting in one by one inside
+    a kernel (figures: docs/xmsda/kernels.md, "Buffer cache")."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if nbytes < MIN_BYTES:

@@ -1,6 +1,6 @@
-"""`xmsda` command line: `xmsda bench [--preset NAME] [--head-dim D] [--threads T] [--json FILE]` (the op and its
-module) and `xmsda bench-model [--model NAME] [--image HxW] [--batch B] [--json FILE]` (a whole Deformable DETR,
-Mask2Former, RT-DETR or Grounding DINO)."""
+"""`xmsda` command line: `xmsda bench [--preset NAME] [--device cpu|cuda] [--head-dim D] [--threads T] [--json FILE]`
+(the op and its module) and `xmsda bench-model [--model NAME] [--device cpu|cuda] [--image HxW] [--batch B]
+[--json FILE]` (a whole Deformable DETR, Mask2Former, RT-DETR or Grounding DINO)."""
 
 from __future__ import annotations
 
@@ -27,14 +27,30 @@ def _all_known(command: str, option: str, chosen, known) -> bool:
     return not unknown
 
 
+def _device_ready(command: str, device: str) -> bool:
+    """Whether `device` can run the benchmark here; else say why, on stderr."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        print(f"xmsda {command}: error: --device cuda: torch sees no CUDA device here", file=sys.stderr)
+        return False
+    return True
+
+
 def _bench(args) -> int:
     import torch
 
-    from .bench import PHASES, PRESETS, VARIANTS, format_report, run_benchmark
+    from .bench import CUDA_VARIANTS, PHASES, PRESETS, VARIANTS, default_variants, format_report, run_benchmark
 
-    variants = tuple(args.variants.split(","))
+    if not _device_ready("bench", args.device):
+        return 2
+    variants = tuple(args.variants.split(",")) if args.variants else default_variants(args.device)
     phases = tuple(args.phases.split(","))
     if not (_all_known("bench", "--variants", variants, VARIANTS) and _all_known("bench", "--phases", phases, PHASES)):
+        return 2
+    cuda_only = [v for v in variants if v in CUDA_VARIANTS]
+    if cuda_only and args.device != "cuda":
+        print(f"xmsda bench: error: --variants: {cuda_only} run on CUDA only (add --device cuda)", file=sys.stderr)
         return 2
     preset = PRESETS[args.preset]
     if args.head_dim is not None:
@@ -57,6 +73,7 @@ def _bench(args) -> int:
         memory=not args.no_memory,
         profile=not args.no_profile,
         log=log,
+        device=args.device,
     )
     return _report(format_report(result), result, args.json)
 
@@ -65,7 +82,7 @@ def _bench_model(args) -> int:
     from .model_bench import MODEL_PHASES, MODELS, format_model_report, run_model_benchmark
 
     phases = tuple(args.phases.split(","))
-    if not _all_known("bench-model", "--phases", phases, MODEL_PHASES):
+    if not (_all_known("bench-model", "--phases", phases, MODEL_PHASES) and _device_ready("bench-model", args.device)):
         return 2
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if not args.quiet else None
     try:
@@ -77,6 +94,7 @@ def _bench_model(args) -> int:
             repeat=args.repeat,
             phases=phases,
             log=log,
+            device=args.device,
         )
     except ValueError as error:  # an image the model cannot take
         print(f"xmsda bench-model: error: --image: {error}", file=sys.stderr)
@@ -95,7 +113,7 @@ def _image_size(text: str) -> tuple[int, int]:
 
 
 def main(argv=None) -> int:
-    from .bench import DEFAULT_VARIANTS, PHASES, PRESETS
+    from .bench import PHASES, PRESETS, VARIANTS
     from .model_bench import MODELS
 
     parser = argparse.ArgumentParser(prog="xmsda", description="Fast multi-scale deformable attention.")
@@ -120,9 +138,11 @@ def main(argv=None) -> int:
     )
     bench.add_argument(
         "--variants",
-        default=",".join(DEFAULT_VARIANTS),
-        help="comma-separated, from xmsda, grid_sample, gather and inductor (grid_sample under torch.compile)",
+        default=None,
+        help=f"comma-separated, from {', '.join(VARIANTS)} (default: xmsda, grid_sample, gather; on CUDA also "
+        "xmsda-deterministic and, where installed, cuda-ext)",
     )
+    bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the op and baselines run")
     bench.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     bench.add_argument("--no-profile", action="store_true", help="skip the profile and roofline estimate")
@@ -142,6 +162,7 @@ def main(argv=None) -> int:
     model.add_argument("--repeat", type=int, default=3, help="timed runs per variant and phase (median reported)")
     model.add_argument("--phases", default="inference,train_step", help="comma-separated subset")
     model.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
+    model.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model runs")
     model.add_argument("--quiet", action="store_true", help="no per-run progress on stderr")
     args = parser.parse_args(argv)
     if args.command == "bench-model" and args.batch < 1:

@@ -28,6 +28,7 @@ their outputs next to their times, so a run that times a broken switch says so.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import statistics
@@ -35,7 +36,7 @@ from collections.abc import Callable
 
 import torch
 
-from .bench import FREE_CORE, _FreeCore, _interleaved_times, memory_setup, set_threads
+from .harness import FREE_CORE, FreeCore, interleaved_times, memory_setup, set_threads
 
 __all__ = ["MODELS", "MODEL_PHASES", "format_model_report", "run_model_benchmark"]
 
@@ -278,11 +279,11 @@ def build_model(spec: ModelSpec, seed: int = 0):
 
 
 def _free_core_forward(self, value, shapes, shapes_list, level_start_index, locations, weights, im2col_step):
-    return _FreeCore.apply(value, locations, weights)
+    return FreeCore.apply(value, locations, weights)
 
 
 def _free_core_function(value, shapes_list, locations, weights):
-    return _FreeCore.apply(value, locations, weights)
+    return FreeCore.apply(value, locations, weights)
 
 
 class _Variant:
@@ -291,14 +292,14 @@ class _Variant:
 
     def __init__(self, spec: ModelSpec, core: str, pixels: torch.Tensor):
         self.family = FAMILIES[spec.family]
-        self.model = build_model(spec)
+        self.model = build_model(spec).to(pixels.device)
         self.core = core
         self.inputs = {"pixel_values": pixels}
         if self.family.prompt_tokens:
             # token ids from BERT's vocabulary; the text encoder's cost does not depend on which
             ids = torch.Generator().manual_seed(2)
             shape = (pixels.shape[0], self.family.prompt_tokens)
-            self.inputs["input_ids"] = torch.randint(1000, 2000, shape, generator=ids)
+            self.inputs["input_ids"] = torch.randint(1000, 2000, shape, generator=ids).to(pixels.device)
         self.grads: tuple[torch.Tensor, ...] = ()  # of the two outputs, for the training step
         # a tiny step: the weights barely move over the runs, so every variant keeps timing the same model
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-9)
@@ -339,7 +340,9 @@ def run_model_benchmark(
     repeat: int = 3,
     phases=MODEL_PHASES,
     log: Callable[[str], None] | None = print,
+    device: str = "cpu",
 ) -> dict:
+    """Time the model of `spec` with each variant on `device` ("cpu" or "cuda"; the image is drawn on the CPU)."""
     import xmsda.integrations.transformers as xt
 
     if xt.enabled():
@@ -357,11 +360,11 @@ def run_model_benchmark(
         )
     threads = set_threads(threads)
     g = torch.Generator().manual_seed(0)
-    pixels = torch.randn(batch, 3, *image, generator=g)
+    pixels = torch.randn(batch, 3, *image, generator=g).to(device)
     variants = {v: _Variant(spec, v, pixels) for v in MODEL_VARIANTS}
     # outputs of the first (untimed) run: the shapes of the fixed output gradients, and the variants' agreement
     first = {v: variants[v].run("inference") for v in ("xmsda", "transformers")}
-    grads = tuple(torch.randn(o.shape, generator=g) for o in first["xmsda"])
+    grads = tuple(torch.randn(o.shape, generator=g).to(device) for o in first["xmsda"])
     for variant in variants.values():
         variant.grads = grads
     difference = max((a - b).abs().max().item() for a, b in zip(first["xmsda"], first["transformers"], strict=True))
@@ -371,13 +374,16 @@ def run_model_benchmark(
         "batch": batch,
         "threads": threads,
         "repeat": repeat,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "machine": memory_setup(),
         "max_output_difference": difference,
         "phases": {},
     }
     for phase in phases:
-        runners = {v: (lambda variant=variant, phase=phase: variant.run(phase)) for v, variant in variants.items()}
-        times = _interleaved_times(runners, repeat, log, phase)
+        runners = {v: functools.partial(variant.run, phase) for v, variant in variants.items()}
+        for runner in runners.values():
+            runner.device = device  # timed to the GPU's last kernel on CUDA
+        times = interleaved_times(runners, repeat, log, phase)
         entry = {v: {"median_s": statistics.median(t), "times_s": t} for v, t in times.items()}
         for v in entry:
             entry[v]["speedup_vs_transformers"] = entry["transformers"]["median_s"] / entry[v]["median_s"]
@@ -390,7 +396,8 @@ def format_model_report(result: dict) -> str:
     h, w = result["image"]
     lines = [
         f"model {m['name']}: {m['description']}",
-        f"image {h}x{w}, batch {result['batch']}, {result['threads']} threads, median of {result['repeat']} runs",
+        f"image {h}x{w}, batch {result['batch']}, {result['threads']} threads, median of {result['repeat']} runs"
+        + (f", on {result['device']}" if result.get("device", "cpu") != "cpu" else ""),
         f"memory allocator {result['machine']['allocator']}; {result['machine']['tensor_pages']}",
         f"largest difference between the variants' outputs: {result['max_output_difference']:.2e}",
         "",

@@ -2,11 +2,11 @@
 
 Layout: the kernels read `value` in Deformable DETR's own `[N, S, M, D]` layout and write the value gradient in it,
 so no transposes surround them. With heads as the innermost task loop (see below) the M heads of a pixel are one
-contiguous run, and the two horizontally adjacent corners of a tap are M*D elements apart. A head-major `[N, M, S, D]`
-copy (each head's map dense) was measured too: same forward speed, 1.15x slower backward, plus the copies.
+contiguous run, and the two horizontally adjacent corners of a tap are M*D elements apart (a head-major copy was
+slower in the backward: docs/xmsda/kernels.md).
 
 Channels: the backward's interior points (all four corners inside: nearly all of them) run explicit 64-byte vector
-code (`simd.interior_corners_backward`, ~10% faster than the loops it replaced; see there why). Every other channel
+code (`simd.interior_corners_backward`; see there why). Every other channel
 loop indexes the last axis of a C-contiguous array with the loop counter, so LLVM emits contiguous vector loads (a
 flat index `base + d` of unknown sign would become a gather, because numba wraps negative indices). Per-query
 accumulators live in stack buffers, which LLVM knows alias no array argument, so the loops need no runtime overlap
@@ -29,13 +29,10 @@ alone cost a third of its time.
 Query order: both kernels visit the queries in the order `query_order` returns, along a Z-order (Morton) curve of
 16x16-pixel tiles of where each query samples, each tile's queries in the order they come. Queries that sample near
 each other then run one after another and find their value rows still in L1/L2; in Deformable DETR's encoder,
-row-major order sweeps a band of the map several rows high that (at every level together) exceeds a 512 KiB-1 MiB
-L2. Within a tile the encoder's queries keep their row-major order, so the per-query tensors are read in runs of
-consecutive queries, which a curve over single pixels breaks into pairs. On detr-encoder (`xmsda bench`, "queries in
-given order"): forward 1.25-1.5x and backward 1.1-1.3x faster than row-major on a Zen 3 (with single-pixel tiles);
-on a Xeon with 2 MiB L2 the single-pixel curve made the backward slower than row-major, and the tiles make it
-1.10-1.18x faster than the single-pixel curve (QUERY_TILE_BITS). The order is a function of the locations alone (a
-stable sort), so results stay bit-identical for any thread count.
+row-major order sweeps a band of the map several rows high that (at every level together) exceeds the L2. Within a
+tile the encoder's queries keep their row-major order, so the per-query tensors are read in runs of consecutive
+queries, which a curve over single pixels breaks into pairs (figures: docs/xmsda/kernels.md, "Query order"). The
+order is a function of the locations alone (a stable sort), so results stay bit-identical for any thread count.
 
 Reference points: given `ref` (`[N, Q, L, 2]`), `loc` holds Deformable DETR's sampling offsets in pixels and each
 location is computed in the coordinate phase as the module computes it, ref + offset / (W, H); the backward then
@@ -65,7 +62,7 @@ from .simd import real as _real
 
 # numba keys its on-disk cache of the kernels below on this file's contents alone, not on those of simd.py, whose code
 # they compile in: this digest of simd.py makes every change there a change here (test_kernel_cache_follows_simd_py).
-SIMD_SOURCE_SHA256 = "1721e947e96348656bb71cae2158c5968bf7b11a27b3ab249a2f674af42e5982"
+SIMD_SOURCE_SHA256 = "369696a3e12aab115c422ca9ab6098483e9c38ec70bc22945fb3b3061e9a0eb6"
 
 # Size of the per-thread stack buffers: bounds the channels per head (two accumulators of D) and L*P*2.
 MAX_CHANNELS = 512
@@ -175,6 +172,34 @@ def _point_levels(shapes, starts, first_level, points, count, one, heights, widt
 
 
 @numba.njit(inline="always")
+def _sampled(cell, heights, widths, j):
+    """Whether point j of a query-head is sampled: its top-left cell (`_cell`) has a corner inside its level's map."""
+    w0 = cell[2 * j]
+    h0 = cell[2 * j + 1]
+    return h0 >= -1 and w0 >= -1 and h0 < heights[j] and w0 < widths[j]
+
+
+@numba.njit(inline="always")
+def _corners(cell, frac, heights, widths, offsets, j, a, one):
+    """The four bilinear corners of sampled point j, shared by the forward and the backward kernel: their weights
+    times the attention weight `a` (top-left, top-right, bottom-left, bottom-right), the value rows r1 (top-left) and
+    r3 = r1 + W (bottom-left), the fractions (lh, lw), and which sides of the cell are inside the map (top, bottom,
+    left, right: a corner is inside where both of its sides are)."""
+    w0 = cell[2 * j]
+    h0 = cell[2 * j + 1]
+    H = heights[j]
+    W = widths[j]
+    lw = frac[2 * j]
+    lh = frac[2 * j + 1]
+    c1 = a * (one - lh) * (one - lw)
+    c2 = a * (one - lh) * lw
+    c3 = a * lh * (one - lw)
+    c4 = a * lh * lw
+    r1 = offsets[j] + h0 * W + w0
+    return c1, c2, c3, c4, r1, r1 + W, lh, lw, h0 >= 0, h0 < H - 1, w0 >= 0, w0 < W - 1
+
+
+@numba.njit(inline="always")
 def _spread_bits(v):
     """The low 16 bits of v moved to the even bit positions (Morton interleaving)."""
     v &= 0xFFFF
@@ -216,10 +241,8 @@ def _query_keys(loc, shapes, ref, tile_bits):
     return keys
 
 
-# Tiles of 16x16 pixels: one-off A/B on a 2-core Xeon (AVX-512, 2 MiB L2 per core), interleaved medians of 9 runs,
-# detr-encoder backward kernel 141 ms with single-pixel tiles (0), 122 / 119 / 120 ms with 8 / 16 / 32-pixel tiles;
-# with reference points (MSDeformAttn) 117 -> 107 / 105 / 109 ms; forward 49 -> 46 / 47 / 50 ms. The same on
-# mask2former-pixel-decoder (backward 108 -> 94 / 92 ms); no change on detr-decoder's 300 queries.
+# Tiles of 16x16 pixels: 8 to 32 gave the backward the same gain over single pixels, 16 the best forward
+# (docs/xmsda/kernels.md, "Query order").
 QUERY_TILE_BITS = 4
 
 
@@ -229,8 +252,7 @@ def query_order(loc, shapes, ref, tile_bits=QUERY_TILE_BITS):
     order). With reference points `ref` (`[N, Q, L, 2]`; None: `loc` holds locations), `loc` holds pixel offsets from
     them (see `_cells_from_offsets`).
 
-    NumPy sorts the keys: a sort compiled into the kernel took numba ~6 s more to compile for each input dtype, and
-    ran slower (detr-encoder: 3.3-3.9 ms against 2.2-2.4 ms, the same order)."""
+    NumPy sorts the keys: a sort compiled into the kernel compiled slower and ran slower (docs/xmsda/kernels.md)."""
     if loc.shape[1] >= 2**32:
         raise ValueError(f"at most 2**32 - 1 queries, got {loc.shape[1]}")
     keys = _query_keys(loc, shapes, ref, tile_bits)
@@ -240,9 +262,8 @@ def query_order(loc, shapes, ref, tile_bits=QUERY_TILE_BITS):
 
 
 # Head sizes the forward kernel is compiled for as constants (see _make_forward_kernel); other sizes take the generic
-# kernel. 32 is Deformable DETR's, DINO's and Mask2Former's (256 channels, 8 heads). Measured on detr-encoder's
-# shapes with 256 channels (float32, generic -> specialised): 32 channels 71-80 -> 55 ms, 64 channels 46 -> 33 ms;
-# 128 channels gained less than 10%, and 16 channels lost (113 -> 165-181 ms), so those stay generic.
+# kernel. 32 is Deformable DETR's, DINO's and Mask2Former's (256 channels, 8 heads); 128 gained little and 16 lost
+# (docs/xmsda/kernels.md, "Head sizes").
 SPECIALISED_CHANNELS = (32, 64)
 
 
@@ -251,8 +272,7 @@ def _make_forward_kernel(channels):
 
     With the head size a compile-time constant (numba freezes closure variables), LLVM unrolls the channel loops and
     keeps the head's accumulator in registers instead of a stack buffer: one accumulator then beats the generic
-    kernel's two interleaved ones (for heads of 32 channels or more; see SPECIALISED_CHANNELS). detr-encoder forward
-    kernel 71.8 -> 49.8 ms (every gather in L1: 44.6 -> 25.0 ms)."""
+    kernel's two interleaved ones (for heads of 32 channels or more; see SPECIALISED_CHANNELS)."""
     # Generic: even and odd points accumulate separately (two independent FMA chains through the stack);
     # specialised: one accumulator, in registers.
     accumulators = 2 if channels is None else 1
@@ -298,23 +318,14 @@ def _make_forward_kernel(channels):
                     for d in range(accumulators * D):
                         acc[d] = 0
                     for j in range(K):
-                        w0 = cell[2 * j]
-                        h0 = cell[2 * j + 1]
-                        H = heights[j]
-                        W = widths[j]
-                        if h0 < -1 or w0 < -1 or h0 >= H or w0 >= W:
+                        if not _sampled(cell, heights, widths, j):
                             continue
-                        lw = frac[2 * j]
-                        lh = frac[2 * j + 1]
                         a = _real(attn4[n, q, m, j])
-                        c1 = a * (one - lh) * (one - lw)
-                        c2 = a * (one - lh) * lw
-                        c3 = a * lh * (one - lw)
-                        c4 = a * lh * lw
-                        r1 = offsets[j] + h0 * W + w0
-                        r3 = r1 + W
+                        c1, c2, c3, c4, r1, r3, _, _, top, bottom, left, right = _corners(
+                            cell, frac, heights, widths, offsets, j, a, one
+                        )
                         o = (j % accumulators) * D
-                        if h0 >= 0 and w0 >= 0 and h0 < H - 1 and w0 < W - 1:
+                        if top and bottom and left and right:
                             for d in range(D):
                                 acc[o + d] += (
                                     c1 * _real(value[n, r1, m, d])
@@ -323,7 +334,6 @@ def _make_forward_kernel(channels):
                                     + c4 * _real(value[n, r3 + 1, m, d])
                                 )
                             continue
-                        top, bottom, left, right = h0 >= 0, h0 < H - 1, w0 >= 0, w0 < W - 1
                         if top and left:
                             for d in range(D):
                                 acc[o + d] += c1 * _real(value[n, r1, m, d])
@@ -345,9 +355,8 @@ def _make_forward_kernel(channels):
 FORWARD_KERNELS = {channels: _make_forward_kernel(channels) for channels in (None, *SPECIALISED_CHANNELS)}
 
 # Forward tasks are handed out a few blocks at a time instead of one contiguous share per thread, so that when another
-# process takes a core (a data loader, say) the other thread picks up the slack. With a CPU-bound process beside it,
-# detr-encoder's forward took 106 instead of 122 ms; on an idle machine it makes no difference. (The backward's few,
-# equal tasks gain nothing from it.)
+# process takes a core (a data loader, say) the other thread picks up the slack; on an idle machine it makes no
+# difference (docs/xmsda/kernels.md). The backward's few, equal tasks gain nothing from it.
 FORWARD_CHUNK = 4
 
 
@@ -363,17 +372,13 @@ def forward(value, shapes, starts, loc, ref, attn, order, out, qblock=64, generi
 
 
 # How much longer the backward takes in all when each task is cut into this many slices of heads, measured on one
-# thread (detr-encoder, and one level of it: 1.43-1.47x, 1.61-1.62x, 1.98-2.25x): a slice uses only its heads' part
-# of each pixel's value and gradient rows, so the rest of the lines the hardware fetches is wasted.
+# thread (docs/xmsda/kernels.md, "Backward partition"): a slice uses only its heads' part of each pixel's value and
+# gradient rows, so the rest of the lines the hardware fetches is wasted.
 SLICE_COST = {1: 1.0, 2: 1.45, 4: 1.6, 8: 2.1}
 
 # What one task over all the levels of an image costs, per level, against a task per level: it reads a query-head's
-# output gradient once instead of once per level, and computes the cells of all its points in one vectorised loop.
-# Measured on a 2-core Xeon (one-off, interleaved medians of 7-11 runs, bit-identical results): detr-encoder backward
-# kernel 119 -> 102 ms, with reference points 110 -> 93 ms; mask2former-pixel-decoder 88 -> 78 and 84 -> 84 ms;
-# detr-decoder 7.2 -> 6.8 ms (a kernel copy); this kernel on detr-encoder 121 -> 108 ms, and on one thread 242 -> 211
-# ms. One detr-encoder image on 2 threads: per-level tasks 72 ms, all levels in two slices of heads 100 ms. On the
-# Zen 3 of an earlier session the same grouping measured no gain and no loss.
+# output gradient once instead of once per level, and computes the cells of all its points in one vectorised loop
+# (measured: docs/xmsda/kernels.md, "Backward partition").
 ALL_LEVELS_COST = 0.85
 
 
@@ -459,30 +464,20 @@ def backward_kernel(
                 for d in range(D):
                     g[d] = _real(grad_out[n, q, m, d])
                 for j in range(K):
-                    w0 = cell[2 * j]
-                    h0 = cell[2 * j + 1]
-                    H = heights[j]
-                    W = widths[j]
-                    if h0 < -1 or w0 < -1 or h0 >= H or w0 >= W:
+                    if not _sampled(cell, heights, widths, j):
                         grad_loc5[n, q, m, block, 2 * j] = 0
                         grad_loc5[n, q, m, block, 2 * j + 1] = 0
                         grad_attn5[n, q, m, block, j] = 0
                         continue
-                    lw = frac[2 * j]
-                    lh = frac[2 * j + 1]
                     a = _real(attn5[n, q, m, block, j])
-                    c1 = a * (one - lh) * (one - lw)
-                    c2 = a * (one - lh) * lw
-                    c3 = a * lh * (one - lw)
-                    c4 = a * lh * lw
-                    r1 = offsets[j] + h0 * W + w0
-                    r3 = r1 + W
+                    c1, c2, c3, c4, r1, r3, lh, lw, top, bottom, left, right = _corners(
+                        cell, frac, heights, widths, offsets, j, a, one
+                    )
                     # s_k = <grad_out, value at corner k>; corners outside contribute 0.
                     s1 = t(0)
                     s2 = t(0)
                     s3 = t(0)
                     s4 = t(0)
-                    top, bottom, left, right = h0 >= 0, h0 < H - 1, w0 >= 0, w0 < W - 1
                     if top and bottom and left and right:
                         s1, s2, s3, s4 = interior_corners_backward(value, grad_value, g, n, r1, r3, m, c1, c2, c3, c4)
                     else:

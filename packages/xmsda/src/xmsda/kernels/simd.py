@@ -5,8 +5,9 @@ Why not a plain channel loop: LLVM vectorises `for d in range(D)` 64 floats per 
 times), so Deformable DETR's D=32 heads ran on its 8-lane remainder loop, with per-corner address setup, and each of
 the four dot products of a point ended in its own horizontal reduction. Here one loop of 64-byte vectors (16 float32
 or 8 float64 lanes) handles the four corners, the dot products share one transposed reduction, and the remainder
-channels (D not a multiple of the lane count) run in scalar code. Measured on detr-encoder: backward kernel ~10%
-faster. Every operation is a fused multiply-add or an addition in a fixed order, so results are deterministic.
+channels (D not a multiple of the lane count) run in scalar code: the backward kernel ~10% faster
+(docs/xmsda/kernels.md). Every operation is a fused multiply-add or an addition in a fixed order, so results are
+deterministic.
 
 Half precision: NumPy, and so numba, has neither bfloat16 nor float16 (numba's CPU target cannot even load float16
 arrays), so the ops hand the kernels those inputs as their bits, and the kernels widen each element (or vector of

@@ -116,3 +116,15 @@ def test_stage1_tables_on_both_schedules():
         StageOneConfig(table=((0.9, 0.2), (0.95, 0.5)))
     with pytest.raises(ValueError, match="fractions"):
         StageOneConfig(table=((0.9, 1.5),))
+
+
+def test_tokens_the_source_settled_only_after_its_first_step_are_recomputed():
+    planner = Planner(PlannerConfig(threshold=0.5, late_threshold=0.5))
+    candidates = [Match("a", 0.9)]
+    plan = planner.before(candidates, 4)
+    late = torch.zeros(GRID)
+    late[1, 3, 3] = 0.8  # the source's final latent moved away from its first-step prediction here
+    decided = planner.after_probe(plan, differences(a=0.0), {"a": 0.9}, {"a": late})
+    assert decided.difference == "local" and decided.token_mask.sum() == 1 and decided.token_mask[1, 3, 3]
+    trusting = Planner(PlannerConfig(threshold=0.5, late_threshold=None))
+    assert trusting.after_probe(plan, differences(a=0.0), {"a": 0.9}, {"a": late}).difference == "none"

@@ -12,7 +12,7 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from chorus.cache import FINAL_LATENT, PROBE, TRAJECTORY
+from chorus.cache import FINAL_LATENT, PROBE, TRAJECTORY, UNSETTLED
 from chorus.models.loading import load_minilm
 from chorus.planner import Planner, PlannerConfig
 from chorus.regions import prompt_diff
@@ -49,7 +49,7 @@ def region(monkeypatch):
     """Make the planner's region a chosen mask, to test the region machinery on its own."""
 
     def use(mask):
-        monkeypatch.setattr(Planner, "_region", lambda self, difference: mask.clone())
+        monkeypatch.setattr(Planner, "_region", lambda self, difference, unsettled=None: mask.clone())
 
     return use
 
@@ -269,7 +269,7 @@ def test_an_exact_repeat_and_a_comparison_load_only_what_they_need(make_engine, 
     assert loads == [{FINAL_LATENT}]
     loads.clear()
     engine.generate(TARGET, seed=2, **ARGS)  # compared, then a region hit
-    assert loads[0] == {PROBE}
+    assert loads[0] == {PROBE, UNSETTLED}
     assert loads[1] == {TRAJECTORY, FINAL_LATENT, *FeatureBank.names([1, 2, 3], ["cond"])}
 
 

@@ -32,6 +32,7 @@ from .cache import (
     FINAL_LATENT,
     PROBE,
     TRAJECTORY,
+    UNSETTLED,
     CacheEntry,
     DiskStore,
     EntryMeta,
@@ -233,11 +234,11 @@ class ChorusEngine:
     def _decide(self, run: _Run, req: Request, x0: torch.Tensor, embeds, report: GenerationReport) -> None:
         """After the first step: compare its predicted clean latent with each candidate's, and plan around the
         closest; load what the plan needs and set the hooks up for its region steps."""
-        differences, similarities = {}, {}
+        differences, similarities, unsettled = {}, {}, {}
         for match in run.candidates:
             if match.similarity < self.planner.config.min_similarity:
                 continue
-            entry = self.cache.load(match.entry_id, {PROBE})
+            entry = self.cache.load(match.entry_id, {PROBE, UNSETTLED})
             if entry is None or entry.probe is None:
                 continue
             owner = entry.meta.alias_of or entry.meta.entry_id  # aliases share their origin's tensors
@@ -245,8 +246,10 @@ class ChorusEngine:
                 continue
             differences[owner] = token_difference(x0, entry.probe, self.adapter.patch_size)
             similarities[owner] = match.similarity
+            if entry.unsettled is not None:
+                unsettled[owner] = entry.unsettled.float()
         report.candidates_compared = len(differences)
-        plan = self.planner.after_probe(run.plan, differences, similarities)
+        plan = self.planner.after_probe(run.plan, differences, similarities, unsettled)
         if plan.is_hit:
             names = {TRAJECTORY, FINAL_LATENT} | set(FeatureBank.names(plan.region_steps, run.branches))
             run.source = self.cache.load(plan.source_id, names)
@@ -439,12 +442,17 @@ class ChorusEngine:
             entry = CacheEntry(meta, signature)
         else:
             recorder = run.state.recorder
+            probe, unsettled = None, None
+            if run.probe is not None:
+                probe = run.probe.to(self.cache_dtype).cpu()
+                unsettled = token_difference(final_latent[0], run.probe, self.adapter.patch_size).half().cpu()
             entry = CacheEntry.build(
                 meta,
                 signature,
                 trajectory=torch.stack([t.cpu() for t in run.trajectory]),
                 final_latent=final_latent.detach().float().cpu(),
-                probe=run.probe.to(self.cache_dtype).cpu() if run.probe is not None else None,
+                probe=probe,
+                unsettled=unsettled,
                 features=recorder.bank() if recorder is not None else None,
             )
         self.cache.insert(entry)

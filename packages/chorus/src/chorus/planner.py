@@ -94,6 +94,9 @@ class PlannerConfig:
     max_region: float = 0.75  # a larger region is a global difference: computed in full
     final_compute: float = 0.0  # share of the steps at the end computed in full on every hit (stage 3)
     alpha: float = 2.0  # TGAA factor on the cross-attention to the new prompt's tokens in the region; 1 disables it
+    # A token of the source whose final latent moved more than this from the source's first-step prediction was not
+    # settled by that step: the comparison there says little, so it is recomputed too (None: trust the comparison).
+    late_threshold: float | None = 0.5
 
     def __post_init__(self):
         if not -1.0 <= self.min_similarity <= 1.0:
@@ -143,13 +146,14 @@ class Planner:
             return Plan(num_steps, similarity=best)
         return Plan(num_steps, similarity=usable[0].similarity, probe_pending=True)
 
-    def after_probe(self, plan: Plan, differences: dict, similarities: dict) -> Plan:
-        """`differences`: candidate id -> per-token difference map at the first step. Picks the candidate with the
+    def after_probe(self, plan: Plan, differences: dict, similarities: dict, unsettled: dict | None = None) -> Plan:
+        """`differences`: candidate id -> per-token difference map at the first step; `unsettled`: candidate id ->
+        per-token distance of its final latent from its own first-step prediction. Picks the candidate with the
         smallest region and plans around it."""
         cfg, n = self.config, plan.num_steps
         if not differences:
             return replace(plan, probe_pending=False)
-        masks = {cid: self._region(d) for cid, d in differences.items()}
+        masks = {cid: self._region(d, (unsettled or {}).get(cid)) for cid, d in differences.items()}
         best = min(masks, key=lambda cid: (float(masks[cid].float().mean()), -similarities[cid]))
         mask = masks[best]
         fraction = float(mask.float().mean())
@@ -162,8 +166,10 @@ class Planner:
         difference = "none" if middle == "reuse" else "local"
         return replace(plan, actions=actions, difference=difference, token_mask=mask, **common)
 
-    def _region(self, difference: torch.Tensor) -> torch.Tensor:
+    def _region(self, difference: torch.Tensor, unsettled: torch.Tensor | None = None) -> torch.Tensor:
         mask = difference > self.config.threshold
+        if self.config.late_threshold is not None and unsettled is not None:
+            mask |= unsettled.to(mask.device) > self.config.late_threshold
         r = self.config.dilate
         if r:
             pooled = F.max_pool3d(mask.float()[None, None], (1, 2 * r + 1, 2 * r + 1), 1, (0, r, r))

@@ -7,7 +7,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .entry import EMBEDDING, FINAL_LATENT, PROBE, TRAJECTORY, CacheEntry, EntryMeta, GenerationSignature, new_entry_id
+from .entry import (
+    EMBEDDING,
+    FINAL_LATENT,
+    PROBE,
+    TRAJECTORY,
+    UNSETTLED,
+    CacheEntry,
+    EntryMeta,
+    GenerationSignature,
+    new_entry_id,
+)
 from .eviction import BenefitPolicy, EvictionPolicy, LRUPolicy, make_policy
 from .index import VectorIndex
 from .store import CacheStore, DiskStore, MemoryStore
@@ -88,6 +98,7 @@ __all__ = [
     "FINAL_LATENT",
     "PROBE",
     "TRAJECTORY",
+    "UNSETTLED",
     "BenefitPolicy",
     "CacheEntry",
     "CacheStore",

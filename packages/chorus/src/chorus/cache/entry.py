@@ -67,6 +67,8 @@ class EntryMeta:
 TRAJECTORY = "trajectory"  # [N + 1, C, F, H, W]: the latent at every step boundary, in the cache dtype
 FINAL_LATENT = "final_latent"  # [1, C, F, H, W] float32: an exact repeat decodes to the very same frames
 PROBE = "probe"  # [C, F, H, W]: the clean latent the model predicted at the first step (what a later request compares)
+# [F', H', W'] per latent token: how far the final latent moved from that first prediction (where it was not settled)
+UNSETTLED = "unsettled"
 EMBEDDING = "embedding"
 
 
@@ -82,10 +84,12 @@ class CacheEntry:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, meta, signature, trajectory, final_latent, probe=None, features=None) -> CacheEntry:
+    def build(cls, meta, signature, trajectory, final_latent, probe=None, unsettled=None, features=None) -> CacheEntry:
         tensors = {TRAJECTORY: trajectory.contiguous(), FINAL_LATENT: final_latent.contiguous()}
         if probe is not None:
             tensors[PROBE] = probe.contiguous()
+        if unsettled is not None:
+            tensors[UNSETTLED] = unsettled.contiguous()
         if features is not None:
             tensors.update({name: t.contiguous() for name, t in features.to_tensors().items()})
         tensors[EMBEDDING] = torch.from_numpy(np.ascontiguousarray(meta.embedding, dtype=np.float32))
@@ -107,6 +111,10 @@ class CacheEntry:
     @property
     def probe(self) -> torch.Tensor | None:
         return self.tensors.get(PROBE)
+
+    @property
+    def unsettled(self) -> torch.Tensor | None:
+        return self.tensors.get(UNSETTLED)
 
     @property
     def features(self):

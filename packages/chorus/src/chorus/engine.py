@@ -213,7 +213,7 @@ class ChorusEngine:
         run = self._plan(req, report, reading, writing)
         latents = self._execute(req, run, report, progress, on_step)
         with _timed(report.seconds, "decode"):
-            frames = self.adapter.decode(latents, seed=req.seed).numpy()
+            frames = self.adapter.decode(latents).numpy()
         self._describe(report, run, latents.shape)
         report.transformer_calls = self._calls - calls_before
         if run.source is not None and run.plan.is_hit:
@@ -439,7 +439,7 @@ class ChorusEngine:
 
     def _serve_exact(self, entry: CacheEntry, report: GenerationReport, t_start: float) -> GenerationResult:
         with _timed(report.seconds, "decode"):
-            frames = self.adapter.decode(entry.final_latent.to(self.adapter.device), seed=entry.meta.seed).numpy()
+            frames = self.adapter.decode(entry.final_latent.to(self.adapter.device)).numpy()
         report.outcome = report.difference = "exact"
         report.similarity = 1.0
         report.source_id, report.source_prompt = entry.meta.entry_id, entry.meta.prompt

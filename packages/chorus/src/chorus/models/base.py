@@ -87,7 +87,7 @@ class FlowVideoDiTAdapter:
             raise ValueError(f"prediction_type {prediction_type!r}: expected one of {PREDICTION_TYPES}")
         self.prediction_type = prediction_type
         self.text_memo_bytes = 64 << 20
-        self._text_memo: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
+        self._text_memo: OrderedDict[tuple, torch.Tensor | tuple] = OrderedDict()
         self._text_memo_bytes = 0
 
     # ---- description ------------------------------------------------------------------------------------
@@ -201,18 +201,21 @@ class FlowVideoDiTAdapter:
         conditioning, and stage 2's source prompt and repeated negative prompts cost nothing."""
         if len(texts) != 1:
             return self._encode_texts(texts, max_sequence_length)
-        key = (texts[0], max_sequence_length)
+        return self._memoised((texts[0], max_sequence_length), lambda: self._encode_texts(texts, max_sequence_length))
+
+    def _memoised(self, key, compute):
+        """`compute()` (a tensor or a tuple of tensors), kept in the byte-bounded LRU under `key`."""
         hit = self._text_memo.get(key)
         if hit is not None:
             self._text_memo.move_to_end(key)
             return hit
-        encoded = self._encode_texts(texts, max_sequence_length)
-        self._text_memo[key] = encoded
-        self._text_memo_bytes += encoded.numel() * encoded.element_size()
+        value = compute()
+        self._text_memo[key] = value
+        self._text_memo_bytes += _nbytes(value)
         while self._text_memo_bytes > self.text_memo_bytes and len(self._text_memo) > 1:
             _, old = self._text_memo.popitem(last=False)
-            self._text_memo_bytes -= old.numel() * old.element_size()
-        return encoded
+            self._text_memo_bytes -= _nbytes(old)
+        return value
 
     @torch.no_grad()
     def _encode_texts(self, texts: list[str], max_sequence_length: int) -> torch.Tensor:
@@ -287,10 +290,14 @@ class FlowVideoDiTAdapter:
             **extra,
         )[0]
 
-    def decode(self, latents: torch.Tensor, seed: int | None = None) -> torch.Tensor:
-        """latents -> frames [F, H, W, 3] float32 in [0, 1] (batch of one). `seed`: the request's, for a decoder
-        that draws noise (LTX-Video's timestep-conditioned VAE)."""
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents -> frames [F, H, W, 3] float32 in [0, 1] (batch of one)."""
         return self.codec.decode(latents)[0]
 
     def describe(self) -> dict:
         return {**self.identity(), "defaults": asdict(self.defaults), "device": str(self.device)}
+
+
+def _nbytes(value) -> int:
+    tensors = value if isinstance(value, tuple) else (value,)
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)

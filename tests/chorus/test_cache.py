@@ -25,7 +25,7 @@ from chorus.cache import (
     VectorIndex,
 )
 
-SIG = GenerationSignature("m", "c", "S", "s", 16, 16, 5, 4, 1.0, "", 32)
+SIG = GenerationSignature("m", "wan2.1", "float32", "c", "S", "s", 16, 16, 5, 4, 1.0, "", 32)
 
 
 def make_entry(entry_id: str, prompt: str = "p", seed: int = 0, elements: int = 1000, signature=SIG) -> CacheEntry:

@@ -139,3 +139,11 @@ def test_a_failing_generation_fails_the_job_not_the_worker(live_server, monkeypa
         fine = _wait(http, http.post("/v1/videos", json={"prompt": "fine", **TINY_JOB, **TINY_EXTRA}).json()["id"])
         assert fine["status"] == "completed"
     assert live_server.app.state.metrics.registry.get_sample_value("chorus_jobs_finished_total", {"status": "failed"})
+
+
+def test_models_and_info_show_family_device_and_dtype(live_server):
+    with live_server.client() as client:
+        model = client.get("/v1/models").json()["data"][0]
+        info = client.get("/v1/chorus/info").json()
+    assert (model["family"], model["device"], model["dtype"]) == ("wan2.1", "cpu", "float32")
+    assert (info["family"], info["device"], info["dtype"]) == ("wan2.1", "cpu", "float32")

@@ -30,11 +30,17 @@ def _generate(args) -> int:
 
     try:
         request = validate(GenerationRequest, _request_fields(args))
+        device = _placement(args)
         out = check_output_path(args.out)
         cache_dir = None if args.no_cache else _check_cache_dir(args.cache_dir)
         try:
             engine = ChorusEngine.from_pretrained(
-                args.model, cache_dir=cache_dir, use_cache=not args.no_cache, embedder=args.embedder
+                args.model,
+                cache_dir=cache_dir,
+                use_cache=not args.no_cache,
+                embedder=args.embedder,
+                device=device,
+                dtype=args.dtype,
             )
         except sqlite3.Error as exc:  # a damaged cache index
             raise ValueError(f"--cache-dir {cache_dir}: cannot open the cache: {exc}") from None
@@ -57,6 +63,35 @@ def _generate(args) -> int:
             f"{report.transformer_calls} transformer calls, {report.total_seconds:.2f}s"
         )
     return 0
+
+
+def _placement(args):
+    """`--device`, `--dtype` and `--threads` checked (DeviceError, a ValueError, names the flag) and the threads
+    set, before anything is loaded; returns the device."""
+    from .models.device import parse_dtype, resolve_device, set_threads
+
+    device = resolve_device(args.device)
+    if args.dtype is not None:
+        parse_dtype(args.dtype)
+    set_threads(args.threads, args.model, device)
+    return device
+
+
+def _add_placement(parser, threads: bool = True) -> None:
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, bfloat16 or float16 (default: the model card's; bfloat16 for a diffusers pipeline on a GPU, "
+        "else float32)",
+    )
+    if threads:
+        parser.add_argument(
+            "--threads",
+            type=int,
+            default=None,
+            help="torch CPU threads (default: 1 for the built-in model, torch's own otherwise; 0: torch's default)",
+        )
 
 
 def _request_fields(args) -> dict:
@@ -107,14 +142,14 @@ def _demo(args) -> int:
 
 
 def _serve(args) -> int:
-    from .models import ModelNotFoundError
     from .server.app import DataDirBusyError, serve
 
     configure_logging(logging.INFO)  # the server logs every job and request as JSON lines
-    if args.max_queue < 1 or args.fps < 1 or args.threads < 0 or not 0 <= args.port <= 65535:
-        print("chorus serve: error: --max-queue, --fps >= 1; --threads >= 0; --port in 0..65535", file=sys.stderr)
+    if args.max_queue < 1 or args.fps < 1 or not 0 <= args.port <= 65535:
+        print("chorus serve: error: --max-queue, --fps >= 1; --port in 0..65535", file=sys.stderr)
         return 2
     try:
+        device = _placement(args)
         serve(
             args.model,
             host=args.host,
@@ -124,9 +159,10 @@ def _serve(args) -> int:
             fps=args.fps,
             cache_bytes=int(args.cache_gb * (1 << 30)),
             embedder=args.embedder,
-            threads=args.threads,
+            device=device,
+            dtype=args.dtype,
         )
-    except (ModelNotFoundError, DataDirBusyError) as exc:
+    except (ValueError, DataDirBusyError) as exc:  # ModelNotFoundError, DeviceError
         print(f"chorus serve: error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -175,28 +211,27 @@ def _bench(args) -> int:
             f"chorus bench: error: unknown policy {unknown[0]!r}; known: {', '.join(known_policies())}", file=sys.stderr
         )
         return 2
-    if (
-        (args.steps is not None and args.steps < 1)
-        or (args.limit is not None and args.limit < 1)
-        or args.threads < 0
-        or args.seed_pairs < 0
-    ):
-        print("chorus bench: error: --steps and --limit must be >= 1, --threads and --seed-pairs >= 0", file=sys.stderr)
+    bad_counts = (args.steps is not None and args.steps < 1) or (args.limit is not None and args.limit < 1)
+    if bad_counts or args.seed_pairs < 0:
+        print("chorus bench: error: --steps and --limit must be >= 1, --seed-pairs >= 0", file=sys.stderr)
         return 2
     from .bench.replay import BenchSettings
 
     sizes = {"height": args.height, "width": args.width, "num_frames": args.frames, "guidance_scale": args.guidance}
     settings = BenchSettings(generate_kwargs={k: v for k, v in sizes.items() if v is not None})
     try:
+        device = _placement(args)
         out = run_benchmark(
             args.trace,
             policies,
             model=args.model,
+            device=device,
+            dtype=args.dtype,
             steps=args.steps,
             server=args.server,
             report_path=args.report,
             plots_dir=args.plots,
-            threads=args.threads or None,
+            threads=None,  # set by _placement
             limit=args.limit,
             settings=settings,
             seed_pairs=args.seed_pairs,
@@ -215,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate a video from a prompt, reusing cached similar requests")
     gen.add_argument("prompt")
-    gen.add_argument("--model", default="builtin", help="'builtin' or a local diffusers WanPipeline directory")
+    gen.add_argument("--model", default="builtin", help="'builtin' or a local diffusers pipeline directory")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--steps", type=int, default=None, help="denoising steps (model default if omitted)")
     gen.add_argument("--height", type=int, default=None)
@@ -230,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--fps", type=int, default=8)
     gen.add_argument("--json", action="store_true", help="print the generation report as JSON")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_placement(gen)
     gen.set_defaults(func=_generate)
 
     dem = sub.add_parser("demo", help="related prompts through one engine: what each reused; a contact sheet")
@@ -240,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     dem.set_defaults(func=_demo)
 
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible Videos API, metrics and a web page")
-    srv.add_argument("--model", default="builtin", help="'builtin' or a local diffusers WanPipeline directory")
+    srv.add_argument("--model", default="builtin", help="'builtin' or a local diffusers pipeline directory")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--data-dir", type=Path, default=Path(".chorus/server"), help="jobs, videos and the cache")
@@ -248,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--fps", type=int, default=8, help="frame rate of the videos; maps `seconds` to frames")
     srv.add_argument("--cache-gb", type=float, default=4.0, help="disk budget of the request cache")
     srv.add_argument("--embedder", default="auto", help="auto, minilm, text-encoder, clip:PATH or st:PATH")
-    srv.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    _add_placement(srv)
     srv.set_defaults(func=_serve)
 
     trc = sub.add_parser("trace", help="write a seeded prompt trace (JSONL) with the structure of real prompt logs")
@@ -290,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=20,
         help="after the trace, this many of its prompts under two new seeds: how often the videos differ visibly",
     )
-    bch.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    _add_placement(bch)
     bch.set_defaults(func=_bench)
     return parser
 

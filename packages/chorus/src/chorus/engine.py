@@ -44,11 +44,12 @@ from .cache import (
 )
 from .embed import Embedder, make_embedder
 from .models import FlowVideoDiTAdapter, load_adapter
+from .models.device import dtype_name
 from .planner import Plan, Planner, PlannerConfig, StageOnePlanner, token_difference
 from .regions import prompt_diff
 from .report import GenerationReport
 from .request import GenerationRequest, ModelLimits
-from .stage2 import FeatureBank, FeatureRecorder, RegionHooks, RunState, transformer_flops
+from .stage2 import FeatureBank, FeatureRecorder, RegionHooks, RunState, region_support, transformer_flops
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +78,19 @@ class ChorusEngine:
         self.adapter = adapter
         self.intra_cache = intra_cache
         if intra_cache is not None:
-            adapter.transformer.enable_cache(intra_cache)
+            for transformer in adapter.transformers:
+                transformer.enable_cache(intra_cache)
         self.cache = cache
         self.embedder = embedder or (make_embedder("auto", adapter) if cache is not None else None)
         self.planner = planner or Planner()
-        # Without a cache there is nothing to record or reuse: the model runs with no hook of Chorus's.
-        self.hooks = RegionHooks(adapter.transformer) if cache is not None and self.planner.kind == "probe" else None
+        # Without a cache there is nothing to record or reuse: the model runs with no hook of Chorus's. A family
+        # without region steps (joint attention) records nothing and computes its region steps in full.
+        self.region_fallback = region_support(adapter.transformers)
+        regions = cache is not None and self.planner.kind == "probe" and self.region_fallback is None
+        self.hooks = RegionHooks(adapter.transformers) if regions else None
         self.cache_dtype = cache_dtype
         self._calls = 0
-        self._count_handle = adapter.transformer.register_forward_pre_hook(self._count_call)
+        self._count_handles = [t.register_forward_pre_hook(self._count_call) for t in adapter.transformers]
         self._lock = threading.Lock()
 
     @classmethod
@@ -101,10 +106,13 @@ class ChorusEngine:
         planner: PlannerConfig | None = None,
         cache_dtype: torch.dtype = torch.float16,
         intra_cache=None,
-        device: str = "cpu",
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
     ) -> ChorusEngine:
-        """An engine for a model name or directory; a disk cache under `cache_dir`, else an in-memory one."""
-        adapter = load_adapter(model, device=device)
+        """An engine for a model name or directory; a disk cache under `cache_dir`, else an in-memory one.
+        `device`: cpu, cuda or cuda:N (None: cuda when available); `dtype`: float32, bfloat16 or float16 (None:
+        the model card's, else bfloat16 for a diffusers pipeline on a GPU and float32 otherwise)."""
+        adapter = load_adapter(model, device=device, dtype=dtype)
         if not use_cache:
             return cls(adapter, None, None, Planner(planner), cache_dtype, intra_cache)
         policy = make_policy(eviction)
@@ -114,9 +122,11 @@ class ChorusEngine:
 
     def close(self) -> None:
         """Take Chorus's hooks off the model and close the cache store."""
-        self._count_handle.remove()
+        for handle in self._count_handles:
+            handle.remove()
         if self.intra_cache is not None:
-            self.adapter.transformer.disable_cache()
+            for transformer in self.adapter.transformers:
+                transformer.disable_cache()
         if self.hooks is not None:
             self.hooks.remove()
         if self.cache is not None and hasattr(self.cache.store, "close"):
@@ -124,6 +134,11 @@ class ChorusEngine:
 
     def _count_call(self, module, args):
         self._calls += 1
+
+    def _model_fields(self) -> dict:
+        """What every report says about the model that made it."""
+        a = self.adapter
+        return {"model": a.name, "family": a.family, "device": str(a.device), "dtype": dtype_name(a.dtype)}
 
     # ---- the request path -------------------------------------------------------------------------------
 
@@ -185,6 +200,7 @@ class ChorusEngine:
             signature_key=signature.key(),
             outcome="off" if self.cache is None or req.cache_policy == "off" else "miss",
             num_steps=req.num_steps,
+            **self._model_fields(),
         )
         reading = report.outcome != "off" and req.cache_policy == "reuse"
         writing = report.outcome != "off"
@@ -251,7 +267,7 @@ class ChorusEngine:
         report.candidates_compared = len(differences)
         plan = self.planner.after_probe(run.plan, differences, similarities, unsettled)
         if plan.is_hit:
-            names = {TRAJECTORY, FINAL_LATENT} | set(FeatureBank.names(plan.region_steps, run.branches))
+            names = {TRAJECTORY, FINAL_LATENT} | set(FeatureBank.names(plan.region_steps, run.branches, run.experts))
             run.source = self.cache.load(plan.source_id, names)
             if run.source is None:
                 plan = Plan(plan.num_steps, similarity=plan.similarity)
@@ -261,15 +277,17 @@ class ChorusEngine:
 
     def _arm_region(self, run: _Run, plan: Plan, req: Request, embeds) -> Plan:
         """Point the hooks at the source's features and the region; a step whose features the source lacks is
-        computed in full instead."""
+        computed in full instead (every region step, on a family without them: `region_fallback`)."""
+        device = self.adapter.device
         bank = run.source.features
-        have = bank.steps_for(run.branches)
+        have = bank.steps_for(run.branches, run.experts) if self.hooks is not None else set()
         actions = tuple("compute" if a == "region" and i not in have else a for i, a in enumerate(plan.actions))
         plan = replace(plan, actions=actions)
         if not plan.region_steps:
-            run.miss_reason = "the source has no features for its region steps"
+            run.miss_reason = self.region_fallback or "the source has no features for its region steps"
             return plan
-        device = self.adapter.device
+        if device.type == "cuda":  # region steps copy each step's features to the GPU without blocking the host
+            bank = bank.pinned()
         diff = prompt_diff(
             self.adapter.tokenizer, run.source.meta.prompt, req.prompt, self.adapter.defaults.max_sequence_length
         )
@@ -303,11 +321,13 @@ class ChorusEngine:
         run.branches = ("cond", "uncond") if embeds.uncond is not None else ("cond",)
         run.trajectory = [latents[0].to(self.cache_dtype)]
         if run.record:
-            run.state.recorder = FeatureRecorder(self.adapter.transformer.config.num_attention_heads, self.cache_dtype)
+            heads = self.adapter.transformer.config.num_attention_heads
+            run.state.recorder = FeatureRecorder(heads, self.cache_dtype, self.hooks.layout)
             run.state.record_steps = frozenset(run.record)
-        scheduler = self.adapter.new_scheduler()
-        scheduler.set_timesteps(req.num_steps, device=self.adapter.device)
-        timesteps, sigmas = scheduler.timesteps, scheduler.sigmas
+        adapter = self.adapter
+        scheduler = adapter.scheduler_for(req.num_steps, latents.shape)
+        timesteps = scheduler.timesteps
+        run.experts = [adapter.expert_at(i, t) for i, t in enumerate(timesteps[: req.num_steps])]
         bar = tqdm(total=req.num_steps, desc="denoising", disable=not progress, leave=False)
         if self.hooks is not None:
             self.hooks.start(run.state)
@@ -321,26 +341,25 @@ class ChorusEngine:
                     # while the same tokens are computed from a latent the request itself produced.
                     self._reset_intra_cache()
                 previous = action
-                t, sigma, sigma_next = timesteps[i], sigmas[i], sigmas[i + 1]
                 with _timed(report.seconds, "probe" if i == 0 and run.plan.probe_pending else run.plan.stage_of(i)):
                     if action == "reuse":
-                        latents = self._follow_source(scheduler, run, i, t, sigma, sigma_next)
+                        latents = self._follow_source(scheduler, run, i)
                     else:
-                        velocity = self.adapter.predict(
+                        output = adapter.predict(
                             latents,
-                            t,
+                            timesteps[i],
                             embeds,
                             req.guidance_scale,
                             step_index=i,
-                            sigma=float(sigma),
+                            sigma=adapter.noise_level(scheduler, i),
                             num_steps=req.num_steps,
                         )
                         if i == 0:
-                            run.probe = (latents - float(sigma) * velocity)[0]
+                            run.probe = adapter.predicted_clean(scheduler, i, latents, output)[0]
                         if action == "region":
-                            latents = self._region_step(scheduler, run, i, t, latents, velocity, sigma, sigma_next)
+                            latents = self._region_step(scheduler, run, i, latents, output)
                         else:
-                            latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+                            latents = adapter.step(scheduler, i, output, latents)
                     if i == 0 and run.plan.probe_pending:
                         self._decide(run, req, run.probe, embeds, report)
                 run.trajectory.append(latents[0].to(self.cache_dtype))
@@ -353,30 +372,32 @@ class ChorusEngine:
                 self.hooks.finish()
         return latents
 
-    def _source_velocity(self, run: _Run, i: int, sigma, sigma_next, like: torch.Tensor) -> torch.Tensor:
+    def _source_output(self, scheduler, run: _Run, i: int, like: torch.Tensor) -> torch.Tensor:
+        """The model output that takes step i along the source's trajectory (a velocity under flow matching)."""
         now, following = (run.source.trajectory[j][None].to(like) for j in (i, i + 1))
-        return (following - now) / (sigma_next - sigma).to(like)
+        return self.adapter.output_towards(scheduler, i, now, following)
 
-    def _follow_source(self, scheduler, run: _Run, i: int, t, sigma, sigma_next) -> torch.Tensor:
-        """A reused step: the scheduler steps with the source's velocity (keeping multistep history consistent) and
+    def _follow_source(self, scheduler, run: _Run, i: int) -> torch.Tensor:
+        """A reused step: the scheduler steps with the source's output (keeping multistep history consistent) and
         the latent becomes the source's; the last one is the source's exact final latent."""
         latents = run.source.trajectory[i][None].to(self.adapter.device, torch.float32)
-        scheduler.step(self._source_velocity(run, i, sigma, sigma_next, latents), t, latents, return_dict=False)
+        self.adapter.step(scheduler, i, self._source_output(scheduler, run, i, latents), latents)
         if i + 1 == run.plan.num_steps and FINAL_LATENT in run.source.tensors:
             return run.source.final_latent.to(self.adapter.device, torch.float32)
         return run.source.trajectory[i + 1][None].to(self.adapter.device, torch.float32)
 
-    def _region_step(self, scheduler, run: _Run, i: int, t, latents, velocity, sigma, sigma_next) -> torch.Tensor:
-        """Inside the region the model's velocity; outside, the source's, and then exactly the source's latent."""
+    def _region_step(self, scheduler, run: _Run, i: int, latents, output) -> torch.Tensor:
+        """Inside the region the model's output; outside, the source's, and then exactly the source's latent."""
         mask = run.latent_mask
-        velocity = torch.where(mask, velocity, self._source_velocity(run, i, sigma, sigma_next, latents))
-        latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+        output = torch.where(mask, output, self._source_output(scheduler, run, i, latents))
+        latents = self.adapter.step(scheduler, i, output, latents)
         following = run.source.trajectory[i + 1][None].to(latents)
         return torch.where(mask, latents, following)
 
     def _reset_intra_cache(self) -> None:
         if self.intra_cache is not None:
-            self.adapter.transformer._reset_stateful_cache()
+            for transformer in self.adapter.transformers:
+                transformer._reset_stateful_cache()
 
     # ---- report and commit --------------------------------------------------------------------------------
 
@@ -396,18 +417,28 @@ class ChorusEngine:
         if plan.region_steps:
             report.prompt_diff = run.changed_words
             report.alpha = self.planner.config.alpha
+        if self.region_fallback and plan.difference == "local":
+            report.stage2_fallback = self.region_fallback
+        if len(self.adapter.transformers) > 1:
+            report.experts = list(run.experts)
         pt, ph, pw = self.adapter.patch_size
         _, _, f, h, w = latent_shape
-        tokens, text = (f // pt) * (h // ph) * (w // pw), self.adapter.defaults.max_sequence_length
-        passes, transformer = len(run.branches), self.adapter.transformer
-        full = report.flops_full_step = passes * transformer_flops(transformer, tokens, text)
-        region = 0
+        tokens, text, passes = (f // pt) * (h // ph) * (w // pw), self.adapter.text_tokens, len(run.branches)
+        # Per expert (Wan 2.2 A14B's two may differ in size): each step counts the FLOPs of the expert it ran.
+        full = [passes * transformer_flops(t, tokens, text) for t in self.adapter.transformers]
+        region = [0] * len(full)
         if plan.region_steps:
-            region = report.flops_region_step = passes * transformer_flops(
-                transformer, tokens, text, len(run.state.token_index)
-            )
-        report.flops = report.steps_computed * full + len(plan.region_steps) * region
-        report.steps_saved = report.steps_reused + len(plan.region_steps) * (1.0 - region / full)
+            selected = len(run.state.token_index)
+            region = [passes * transformer_flops(t, tokens, text, selected) for t in self.adapter.transformers]
+            report.flops_region_step = region[0]
+        report.flops_full_step = full[0]
+        report.flops = sum(
+            full[e] if a == "compute" else region[e] if a == "region" else 0
+            for a, e in zip(plan.actions, run.experts, strict=True)
+        )
+        report.steps_saved = report.steps_reused + sum(
+            1.0 - region[e] / full[e] for i, e in enumerate(run.experts) if plan.actions[i] == "region"
+        )
         computing = sum(v for k, v in report.seconds.items() if k in ("probe", "stage2", "stage3"))
         equivalents = plan.num_steps - report.steps_saved
         report.seconds_saved_estimate = computing / equivalents * report.steps_saved if equivalents > 0 else 0.0
@@ -470,6 +501,7 @@ class _Run:
     record: set[int]
     state: RunState = field(default_factory=RunState)
     branches: tuple[str, ...] = ("cond",)
+    experts: list[int] = field(default_factory=list)  # which of the model's transformers runs each step
     trajectory: list[torch.Tensor] = field(default_factory=list)  # boundary latents in the cache dtype
     probe: torch.Tensor | None = None  # the clean latent predicted at the first step
     latent_mask: torch.Tensor | None = None

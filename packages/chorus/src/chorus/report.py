@@ -13,6 +13,11 @@ class GenerationReport:
     signature_key: str
     outcome: str  # "miss", "hit" (steps reused), "exact" (stored result, no denoising) or "off" (cache disabled)
     num_steps: int
+    # The model that made it: its name, family (`chorus.models.loading.FAMILIES`), device and dtype.
+    model: str = ""
+    family: str = ""
+    device: str = ""
+    dtype: str = ""
     # What the planner found (`chorus.planner`): "exact", "none", "local", "global", "miss" or "unassessed", and the
     # plan in short: one letter per step, c(ompute), r(egion), - (reused).
     difference: str = "miss"
@@ -36,6 +41,8 @@ class GenerationReport:
     mask_fraction: float | None = None  # share of the latent tokens that differ from the source (the region)
     alpha: float | None = None  # TGAA factor
     prompt_diff: dict | None = None  # {"changed": target words, "dropped": source words}
+    stage2_fallback: str | None = None  # why a local difference was computed in full (a family without region steps)
+    experts: list[int] | None = None  # which expert ran each step (models with several, e.g. Wan 2.2 A14B)
     flops_full_step: int | None = None  # transformer FLOPs of one full step (all passes)
     flops_region_step: int | None = None  # ... and of one region step
     flops: int | None = None  # transformer FLOPs the plan computes in all

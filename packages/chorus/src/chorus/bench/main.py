@@ -23,6 +23,8 @@ def run_benchmark(
     policies: list[str],
     *,
     model: str = "builtin",
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype | None = None,
     adapter=None,
     embedder=None,
     steps: int | None = None,
@@ -56,7 +58,7 @@ def run_benchmark(
     else:
         from ..models import load_adapter
 
-        adapter = adapter if adapter is not None else load_adapter(model)
+        adapter = adapter if adapter is not None else load_adapter(model, device=device, dtype=dtype)
         runner = replay.InProcessRunner(adapter, embedder, settings)
         num_steps, model_name = runner.steps, model if isinstance(model, str) else str(model)
 
@@ -100,6 +102,8 @@ def run_benchmark(
         run_settings["embedder"] = embedder.name if embedder is not None else "auto"
     if server is None and hasattr(runner.adapter, "identity"):
         run_settings["model_identity"] = runner.adapter.identity()
+        run_settings["device"] = str(runner.adapter.device)
+        run_settings["torch_threads"] = torch.get_num_threads()
     out = report.build_report(results, run_settings, machine_info)
     if report_path is not None:
         report.write_report(out, report_path)

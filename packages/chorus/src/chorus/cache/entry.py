@@ -17,10 +17,13 @@ class GenerationSignature:
     """Everything besides the prompt and seed that shapes a denoising trajectory.
 
     Only requests with equal signatures may reuse each other's latents: a latent of another size, step count,
-    scheduler or guidance is not a point on the target's trajectory.
+    scheduler, guidance or dtype is not a point on the target's trajectory. The device is not in it: a cache serves
+    the same model on any device.
     """
 
     model: str
+    family: str
+    dtype: str
     model_config: str
     scheduler: str
     scheduler_config: str

@@ -1,4 +1,5 @@
-"""Model adapters: diffusers Wan-family pipelines and the built-in model behind one interface."""
+"""Model adapters: the diffusers video pipelines Chorus serves (one module per family) and the built-in model, behind
+one interface (`base.FlowVideoDiTAdapter`); `loading` picks the family, `device` the device, dtype and threads."""
 
 from .base import FlowVideoDiTAdapter, ModelDefaults, PromptEmbeds
 from .codecs import PixelCodec, WanVAECodec

@@ -54,3 +54,22 @@ class PixelCodec:
     def encode(frames: torch.Tensor) -> torch.Tensor:
         """frames [B, F, H, W, 3] in [0, 1] -> latents [B, 3, F, H, W] in [-1, 1] (for training)."""
         return frames.permute(0, 4, 1, 2, 3) * 2 - 1
+
+
+class LatentGrid:
+    """How a family's VAE maps frames to latents, for the families whose adapter decodes through its pipeline's own
+    steps (HunyuanVideo, LTX-Video, CogVideoX): their `decode` is the adapter's."""
+
+    def __init__(self, vae, scale_spatial: int, scale_temporal: int, channels: int):
+        self.vae = vae
+        self.scale_spatial, self.scale_temporal, self.channels = int(scale_spatial), int(scale_temporal), channels
+
+    def latent_frames(self, num_frames: int) -> int:
+        return (num_frames - 1) // self.scale_temporal + 1
+
+
+def frames_from_video(video: torch.Tensor, processor: VideoProcessor) -> torch.Tensor:
+    """A VAE's decoded `[B, 3, F, H, W]` in [-1, 1] as frames `[B, F, H, W, 3]` float32 in [0, 1], as the pipelines
+    postprocess it."""
+    video = processor.postprocess_video(video, output_type="pt")  # [B, F, 3, H, W]
+    return video.permute(0, 1, 3, 4, 2).float().cpu()

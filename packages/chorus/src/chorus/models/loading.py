@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -9,7 +10,9 @@ from pathlib import Path
 import torch
 
 from .base import FlowVideoDiTAdapter, ModelDefaults
-from .codecs import PixelCodec, WanVAECodec
+from .codecs import PixelCodec
+from .device import resolve_device, resolve_dtype
+from .wan import adapter_from_wan_pipeline  # noqa: F401 - re-exported: callers wrap a loaded WanPipeline with it
 
 BUILTIN_NAME = "builtin"
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "weights" / "builtin"
@@ -46,17 +49,63 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
     return path
 
 
+# The diffusers pipelines Chorus serves, by the `_class_name` of their model_index.json: (module, family names).
+FAMILIES = {
+    "WanPipeline": ("wan", "Wan 2.1, Wan 2.2 A14B, Wan 2.2 TI2V-5B"),
+    "HunyuanVideoPipeline": ("hunyuan", "HunyuanVideo"),
+    "LTXPipeline": ("ltx", "LTX-Video"),
+    "CogVideoXPipeline": ("cogvideox", "CogVideoX"),
+}
+
+
+def pipeline_class(path: Path) -> str:
+    """The pipeline class a diffusers directory names, refused by name when Chorus does not serve it."""
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"{path / 'model_index.json'}: cannot be read: {exc}") from None
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    if name not in FAMILIES:
+        known = ", ".join(f"{k} ({v[1]})" for k, v in FAMILIES.items())
+        raise ModelNotFoundError(f"{path}: {name!r} pipelines are not supported by Chorus; it serves {known}")
+    return name
+
+
+def card_dtype(path: Path) -> str | None:
+    """The dtype a model's card asks for (`chorus.json`'s `dtype`), if any."""
+    card = path / "chorus.json"
+    return json.loads(card.read_text()).get("dtype") if card.is_file() else None
+
+
 def load_adapter(
-    name_or_path: str | Path = BUILTIN_NAME, *, device: str = "cpu", dtype: torch.dtype = torch.float32
+    name_or_path: str | Path = BUILTIN_NAME,
+    *,
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype | None = None,
 ) -> FlowVideoDiTAdapter:
-    """`"builtin"`, a built-in-format directory (chorus.json), or a diffusers `WanPipeline` directory."""
+    """`"builtin"`, a built-in-format directory (chorus.json), or a diffusers pipeline directory of a family in
+    `FAMILIES`. `device` None picks cuda when available; `dtype` None the card's, else the rule in `device.py`."""
     path = resolve_model_path(name_or_path)
+    device = resolve_device(device)
     if (path / "chorus.json").is_file():
+        dtype = resolve_dtype(dtype, device, card=card_dtype(path), diffusers=False)
         return _load_builtin_format(path, str(name_or_path), device, dtype)
-    return _load_wan_pipeline(path, device, dtype)
+    cls_name = pipeline_class(path)
+    dtype = resolve_dtype(dtype, device)
+    return _load_pipeline(path, cls_name, device, dtype)
 
 
-def _load_builtin_format(path: Path, name: str, device: str, dtype: torch.dtype) -> FlowVideoDiTAdapter:
+def _load_pipeline(path: Path, cls_name: str, device: torch.device, dtype: torch.dtype) -> FlowVideoDiTAdapter:
+    import diffusers
+
+    module = importlib.import_module(f".{FAMILIES[cls_name][0]}", __package__)
+    # The VAE stays float32 (as the Wan and HunyuanVideo cards load it): decoding in half precision costs quality
+    # for little time next to the denoising loop.
+    pipe = getattr(diffusers, cls_name).from_pretrained(path, dtype={"default": dtype, "vae": torch.float32})
+    return module.adapter_from_pipeline(pipe.to(device), name=str(path), device=device)
+
+
+def _load_builtin_format(path: Path, name: str, device: torch.device, dtype: torch.dtype) -> FlowVideoDiTAdapter:
     from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
     card = json.loads((path / "chorus.json").read_text())
@@ -85,27 +134,5 @@ def _load_builtin_format(path: Path, name: str, device: str, dtype: torch.dtype)
         device=device,
         text_encoder_is_minilm=True,
         prediction_type=card.get("prediction_type", "flow"),
-    )
-
-
-def _load_wan_pipeline(path: Path, device: str, dtype: torch.dtype) -> FlowVideoDiTAdapter:
-    from diffusers import WanPipeline
-
-    pipe = WanPipeline.from_pretrained(path, dtype=dtype).to(device)
-    return adapter_from_wan_pipeline(pipe, name=str(path), device=device)
-
-
-def adapter_from_wan_pipeline(pipe, *, name: str, device: str = "cpu", defaults: ModelDefaults | None = None):
-    """Wrap the components of a loaded `WanPipeline` (Wan 2.1-style: one transformer, no expand_timesteps)."""
-    if getattr(pipe, "transformer_2", None) is not None or pipe.config.get("expand_timesteps", False):
-        raise ModelNotFoundError(f"{name}: two-transformer (Wan 2.2) and expand_timesteps pipelines are not supported")
-    return FlowVideoDiTAdapter(
-        name=name,
-        transformer=pipe.transformer,
-        scheduler=pipe.scheduler,
-        tokenizer=pipe.tokenizer,
-        text_encoder=pipe.text_encoder,
-        codec=WanVAECodec(pipe.vae),
-        defaults=defaults or ModelDefaults(480, 832, 81, 50, 5.0, "", 512),
-        device=device,
+        family="builtin",
     )

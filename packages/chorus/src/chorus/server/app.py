@@ -213,7 +213,7 @@ def create_app(
 
     @app.get("/v1/models")
     def list_models():
-        model = {"id": model_id, "object": "model", "created": 0, "owned_by": "chorus"}
+        model = {"id": model_id, "object": "model", "created": 0, "owned_by": "chorus", **limits.placement}
         return {"object": "list", "data": [model]}
 
     @app.get("/v1/chorus/info")
@@ -351,6 +351,8 @@ def serve(
     cache_bytes: int = 4 << 30,
     embedder: str = "minilm",
     threads: int = 0,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> None:
     """Load the model, then serve until interrupted (the `chorus serve` command)."""
     import diffusers
@@ -369,7 +371,13 @@ def serve(
         torch.set_num_threads(threads)
     data_dir = Path(data_dir)
     engine = ChorusEngine.from_pretrained(
-        model, cache_dir=data_dir / "cache", cache_bytes=cache_bytes, eviction="benefit", embedder=embedder
+        model,
+        cache_dir=data_dir / "cache",
+        cache_bytes=cache_bytes,
+        eviction="benefit",
+        embedder=embedder,
+        device=device,
+        dtype=dtype,
     )
     model_id = "builtin" if str(model) == "builtin" else Path(model).name
     app = create_app(engine, data_dir, model_id=model_id, max_queue=max_queue, fps=fps)

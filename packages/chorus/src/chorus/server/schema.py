@@ -11,7 +11,7 @@ Everything refused here is refused before anything is written.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from pydantic import BeforeValidator, Field
@@ -63,11 +63,16 @@ class ServerLimits:
     model_id: str
     aliases: tuple[str, ...]
     fps: int
+    placement: dict = field(default_factory=dict)  # the model's family, device and dtype
 
     @classmethod
     def from_engine(cls, engine, model_id: str, fps: int) -> ServerLimits:
-        names = (model_id, engine.adapter.name, "chorus")
-        return cls(ModelLimits.from_adapter(engine.adapter), model_id, tuple(dict.fromkeys(names)), fps)
+        from ..models.device import dtype_name
+
+        a = engine.adapter
+        names = (model_id, a.name, "chorus")
+        placement = {"family": a.family, "device": str(a.device), "dtype": dtype_name(a.dtype)}
+        return cls(ModelLimits.from_adapter(a), model_id, tuple(dict.fromkeys(names)), fps, placement)
 
     @property
     def max_seconds(self) -> float:
@@ -77,6 +82,7 @@ class ServerLimits:
         d = self.model.defaults
         return {
             "model": self.model_id,
+            **self.placement,
             "fps": self.fps,
             "default_size": f"{d.width}x{d.height}",
             "default_seconds": format_seconds(self.max_seconds),

@@ -1,23 +1,29 @@
 """Stage 2's hooks on the transformer (diffusers `ModelHook`s in its `HookRegistry`; the model code is untouched).
 
-One `RegionHooks` per transformer installs them and holds the current request's `RunState`; between requests every
-hook passes its module's call through unchanged. Which call is running is read from diffusers' cache context, which
-the adapter opens around each transformer call (`cache_context("cond" | "uncond", step_index=...)`).
+One `RegionHooks` per model installs them on each of its transformers (Wan 2.2 A14B has two experts) and holds the
+current request's `RunState`; between requests every hook passes its module's call through unchanged. Which call is
+running is read from diffusers' cache context, which the adapter opens around each transformer call
+(`cache_context("cond" | "uncond", step_index=...)`); which expert, from the transformer the call entered.
+What is family-specific (where tokens enter and leave, the attention modules, the rotary embedding) comes from the
+transformer's layout module (`wan.py`, `ltx.py`; `layout_for`).
 
 - Recording (steps in `record_steps`): the outputs of each self-attention's key norm and value projection are kept by
   reference (no copy during the step); `FeatureRecorder.bank()` turns them into the request's `FeatureBank`.
 - Region steps (steps in `region_steps`): only the region's latent tokens enter the transformer. The patch embedding
-  and the rotary embedding are cut to them, each self-attention lets them attend to every token (the others' keys and
-  values are the source's at this step) and the output projection is scattered back to the full token grid. The
-  merged keys and values are recorded, so a hit can serve as a source in turn.
+  and the rotary embedding (and per-token timesteps) are cut to them, each self-attention lets them attend to every
+  token (the others' keys and values are the source's at this step) and the output projection is scattered back to
+  the full token grid. The merged keys and values are recorded, so a hit can serve as a source in turn. The source's
+  features of a step move to the model's device once per step and branch (all layers in one copy, non-blocking from
+  page-locked memory on a GPU), never per layer.
 - TGAA: at region steps, the cross-attention logits of the tokens that carry the new prompt's meaning get `log(alpha)`
   added (through the attention mask the model already accepts).
 """
 
 from __future__ import annotations
 
+import importlib
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -28,6 +34,31 @@ from .bank import FeatureBank, FeatureKey
 
 HOOK_PREFIX = "chorus_stage2"
 _instances = itertools.count()
+
+
+# Transformer classes with a layout module: region steps run on them. The others compute region steps in full.
+LAYOUTS = {"WanTransformer3DModel": "wan", "LTXVideoTransformer3DModel": "ltx"}
+# Why the other families' transformers have no region steps (the engine reports it).
+NO_REGION = {
+    "HunyuanVideoTransformer3DModel": "joint (MM-DiT) attention over text and video tokens",
+    "CogVideoXTransformer3DModel": "joint attention over text and video tokens",
+}
+
+
+def layout_for(transformer):
+    """The layout module of this transformer's class, or None when region steps cannot run on it."""
+    name = LAYOUTS.get(type(transformer).__name__)
+    return importlib.import_module(f".{name}", __package__) if name else None
+
+
+def region_support(transformers) -> str | None:
+    """None when region steps can run on every one of `transformers`; else why not (for reports)."""
+    for transformer in transformers:
+        if layout_for(transformer) is None:
+            name = type(transformer).__name__
+            why = NO_REGION.get(name, "no region layout for this transformer")
+            return f"{name}: {why}; region steps are computed in full"
+    return None
 
 
 @dataclass
@@ -47,32 +78,35 @@ class FeatureRecorder:
     """Keeps references to the keys and values of the steps it is asked to record; `bank()` builds the features.
 
     Full steps give normed keys before the rotary embedding (that is what the key norm outputs); the embedding is
-    applied once, in `bank()`, with the step's own frequencies. Region steps give their merged, rotated keys."""
+    applied once, in `bank()`, with the step's own frequencies. Region steps give their merged, rotated keys.
+    Tables are keyed by (step, branch, expert)."""
 
-    def __init__(self, heads: int, dtype: torch.dtype):
+    def __init__(self, heads: int, dtype: torch.dtype, layout=None):
         self.heads, self.dtype = heads, dtype
-        self.unrotated: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
-        self.rotated: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
-        self.values: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
-        self.rotary: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.layout = layout or wan
+        self.unrotated: dict[tuple[int, str, int], dict[int, torch.Tensor]] = {}
+        self.rotated: dict[tuple[int, str, int], dict[int, torch.Tensor]] = {}
+        self.values: dict[tuple[int, str, int], dict[int, torch.Tensor]] = {}
+        self.rotary: dict[tuple[int, str, int], object] = {}
         self.calls = 0  # tensors handed to the recorder (a test bounds it)
 
-    def keep(self, table: dict, step: int, branch: str, layer: int, tensor: torch.Tensor) -> None:
+    def keep(self, table: dict, call: tuple[int, str, int], layer: int, tensor: torch.Tensor) -> None:
         self.calls += 1
-        table.setdefault((step, branch), {})[layer] = tensor.detach()[0]
+        table.setdefault(call, {})[layer] = tensor.detach()[0]
 
     def bank(self) -> FeatureBank:
         tensors = {}
-        for (step, branch), values in self.values.items():
+        for call, values in self.values.items():
+            step, branch, expert = call
             layers = sorted(values)
-            if (step, branch) in self.rotated:
-                keys = torch.stack([self.rotated[(step, branch)][i] for i in layers])
+            if call in self.rotated:
+                keys = torch.stack([self.rotated[call][i] for i in layers])
             else:
-                cos, sin = self.rotary[(step, branch)]
-                unrotated = torch.stack([self.unrotated[(step, branch)][i] for i in layers])
-                keys = wan.rotate_keys(unrotated, self.heads, (cos[0], sin[0]))
-            tensors[FeatureKey(step, branch, "k")] = keys.to(self.dtype).cpu()
-            tensors[FeatureKey(step, branch, "v")] = torch.stack([values[i] for i in layers]).to(self.dtype).cpu()
+                unrotated = torch.stack([self.unrotated[call][i] for i in layers])
+                keys = self.layout.rotate_keys(unrotated, self.heads, self.layout.first_of(self.rotary[call]))
+            tensors[FeatureKey(step, branch, "k", expert)] = keys.to(self.dtype).cpu()
+            stacked = torch.stack([values[i] for i in layers])
+            tensors[FeatureKey(step, branch, "v", expert)] = stacked.to(self.dtype).cpu()
         return FeatureBank(tensors)
 
 
@@ -82,19 +116,24 @@ class _Call(BaseState):
 
 
 class _ContextHook(ModelHook):
-    """On the transformer: reads which step and branch each call is (diffusers sets the context on stateful hooks)."""
+    """On a transformer: reads which step and branch each call is (diffusers sets the context on stateful hooks),
+    and cuts per-token timesteps to the region at region steps."""
 
     _is_stateful = True
 
-    def __init__(self, owner: RegionHooks):
+    def __init__(self, owner: RegionHooks, expert: int, layout):
         super().__init__()
-        self.owner = owner
+        self.owner, self.expert, self.layout = owner, expert, layout
         self.state_manager = StateManager(_Call)
 
     def pre_forward(self, module, *args, **kwargs):
         context = self.state_manager._context
-        self.owner.step = None if context is None else context.step_index
-        self.owner.branch = None if context is None else context.name
+        o = self.owner
+        o.step = None if context is None else context.step_index
+        o.branch = None if context is None else context.name
+        o.expert = self.expert
+        if o.in_region:
+            kwargs = self.layout.select_timestep(kwargs, o.run.token_index)
         return args, kwargs
 
     def reset_state(self, module):
@@ -112,122 +151,123 @@ class _RecordHook(ModelHook):
         o = self.owner
         if o.recording and not o.in_region:
             recorder = o.run.recorder
-            recorder.keep(getattr(recorder, self.table), o.step, o.branch, self.layer, output)
+            recorder.keep(getattr(recorder, self.table), o.call, self.layer, output)
         return output
 
 
 class _SelectTokensHook(ModelHook):
-    """On the patch embedding: keeps the region's tokens (the model flattens [B, D, F, H, W] to tokens next; a
-    [B, D, 1, 1, Lr] view flattens to the selection)."""
+    """On the patch embedding: keeps the region's tokens."""
 
-    def __init__(self, owner: RegionHooks):
+    def __init__(self, owner: RegionHooks, layout):
         super().__init__()
-        self.owner = owner
+        self.owner, self.layout = owner, layout
 
     def post_forward(self, module, output):
         if not self.owner.in_region:
             return output
-        b, d = output.shape[:2]
-        return output.flatten(2).index_select(2, self.owner.run.token_index).reshape(b, d, 1, 1, -1)
+        return self.layout.select_tokens(output, self.owner.run.token_index)
 
 
 class _SelectRotaryHook(ModelHook):
     """On the rotary embedding: the region's frequencies; the full grid's are kept for recording."""
 
-    def __init__(self, owner: RegionHooks):
+    def __init__(self, owner: RegionHooks, layout):
         super().__init__()
-        self.owner = owner
+        self.owner, self.layout = owner, layout
 
     def post_forward(self, module, output):
         o = self.owner
         if o.recording and not o.in_region:
-            o.run.recorder.rotary[(o.step, o.branch)] = output
+            o.run.recorder.rotary[o.call] = output
         if not o.in_region:
             return output
-        return tuple(freqs.index_select(1, o.run.token_index) for freqs in output)
+        return self.layout.select_rotary(output, o.run.token_index)
 
 
 class _ScatterTokensHook(ModelHook):
-    """On the output projection: the region's predictions back on the full grid (zeros elsewhere: the engine takes
-    the source's step there)."""
+    """On the output projection: the region's predictions back on the full grid."""
 
-    def __init__(self, owner: RegionHooks):
+    def __init__(self, owner: RegionHooks, layout):
         super().__init__()
-        self.owner = owner
+        self.owner, self.layout = owner, layout
 
     def post_forward(self, module, output):
         o = self.owner
         if not o.in_region:
             return output
-        full = output.new_zeros(output.shape[0], o.run.num_tokens, output.shape[2])
-        return full.index_copy(1, o.run.token_index, output)
+        return self.layout.scatter_tokens(output, o.run.token_index, o.run.num_tokens)
 
 
 class _RegionSelfAttentionHook(ModelHook):
-    """On a self-attention: at region steps, the region's tokens attend to every token (see `wan`)."""
+    """On a self-attention: at region steps, the region's tokens attend to every token (see the layout module)."""
 
-    def __init__(self, owner: RegionHooks, layer: int):
+    def __init__(self, owner: RegionHooks, layer: int, layout):
         super().__init__()
-        self.owner, self.layer = owner, layer
+        self.owner, self.layer, self.layout = owner, layer, layout
 
-    def new_forward(self, module, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+    def new_forward(self, module, *args, **kwargs):
         o = self.owner
         if not o.in_region:
-            return self.fn_ref.original_forward(hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        keys, values = o.run.source.kv(o.step, o.branch)
-        out, merged_k, merged_v = wan.region_self_attention(
+            return self.fn_ref.original_forward(*args, **kwargs)
+        hidden_states, rotary_emb = self.layout.self_attention_inputs(args, kwargs)
+        keys, values = o.source_features()
+        out, merged_k, merged_v = self.layout.region_self_attention(
             module, hidden_states, rotary_emb, o.run.token_index, keys[self.layer], values[self.layer]
         )
         if o.recording:
             recorder = o.run.recorder
-            recorder.keep(recorder.rotated, o.step, o.branch, self.layer, merged_k)
-            recorder.keep(recorder.values, o.step, o.branch, self.layer, merged_v)
+            recorder.keep(recorder.rotated, o.call, self.layer, merged_k)
+            recorder.keep(recorder.values, o.call, self.layer, merged_v)
         return out
 
 
 class _TGAAHook(ModelHook):
     """On a cross-attention: at region steps, adds the TGAA bias to the logits of the new prompt's tokens."""
 
-    def __init__(self, owner: RegionHooks):
+    def __init__(self, owner: RegionHooks, layout):
         super().__init__()
-        self.owner = owner
+        self.owner, self.layout = owner, layout
 
     def pre_forward(self, module, *args, **kwargs):
         o = self.owner
         if o.in_region and o.run.text_bias is not None:
-            bias = o.run.text_bias.view(1, 1, 1, -1).to(args[0].dtype)
-            if len(args) > 2:  # the block passes (hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-                args = (*args[:2], bias, *args[3:])
-            else:
-                kwargs["attention_mask"] = bias
+            args, kwargs = self.layout.cross_attention_bias(args, kwargs, o.run.text_bias)
         return args, kwargs
 
 
-@dataclass
 class RegionHooks:
-    """Installs stage 2's hooks on a Wan transformer and holds the current request's `RunState`."""
+    """Installs stage 2's hooks on a model's transformers and holds the current request's `RunState`."""
 
-    transformer: torch.nn.Module
-    run: RunState = field(default_factory=RunState)
-    step: int | None = None
-    branch: str | None = None
-
-    def __post_init__(self):
+    def __init__(self, transformers):
+        self.transformers = (transformers,) if isinstance(transformers, torch.nn.Module) else tuple(transformers)
+        self.layouts = [layout_for(t) for t in self.transformers]
+        if any(layout is None for layout in self.layouts):
+            raise ValueError(region_support(self.transformers))
+        self.run, self.step, self.branch, self.expert = RunState(), None, None, 0
+        self._staged: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.stagings = 0  # fetches of a step's source features onto the model's device (a test bounds it)
         # Several engines may share one model (each idle while another runs): each has its own hook names.
         self._prefix = f"{HOOK_PREFIX}.{next(_instances)}"
         self._names: list[tuple[torch.nn.Module, str]] = []
-        self._register(self.transformer, _ContextHook(self), "context")
-        self._register(self.transformer.patch_embedding, _SelectTokensHook(self), "select")
-        self._register(self.transformer.rope, _SelectRotaryHook(self), "rotary")
-        self._register(self.transformer.proj_out, _ScatterTokensHook(self), "scatter")
-        for layer, attn in enumerate(wan.self_attention_modules(self.transformer)):
-            key_module, value_module = wan.key_value_modules(attn)
-            self._register(key_module, _RecordHook(self, layer, "unrotated"), f"keys.{layer}")
-            self._register(value_module, _RecordHook(self, layer, "values"), f"values.{layer}")
-            self._register(attn, _RegionSelfAttentionHook(self, layer), f"self_attention.{layer}")
-        for layer, attn in enumerate(wan.cross_attention_modules(self.transformer)):
-            self._register(attn, _TGAAHook(self), f"tgaa.{layer}")
-        HookRegistry.check_if_exists_or_initialize(self.transformer).invalidate_child_registries_cache()
+        for expert, (transformer, layout) in enumerate(zip(self.transformers, self.layouts, strict=True)):
+            tag = f"e{expert}."
+            embed, rope, proj_out = layout.token_modules(transformer)
+            self._register(transformer, _ContextHook(self, expert, layout), tag + "context")
+            self._register(embed, _SelectTokensHook(self, layout), tag + "select")
+            self._register(rope, _SelectRotaryHook(self, layout), tag + "rotary")
+            self._register(proj_out, _ScatterTokensHook(self, layout), tag + "scatter")
+            for layer, attn in enumerate(layout.self_attention_modules(transformer)):
+                key_module, value_module = layout.key_value_modules(attn)
+                self._register(key_module, _RecordHook(self, layer, "unrotated"), f"{tag}keys.{layer}")
+                self._register(value_module, _RecordHook(self, layer, "values"), f"{tag}values.{layer}")
+                self._register(attn, _RegionSelfAttentionHook(self, layer, layout), f"{tag}self_attention.{layer}")
+            for layer, attn in enumerate(layout.cross_attention_modules(transformer)):
+                self._register(attn, _TGAAHook(self, layout), f"{tag}tgaa.{layer}")
+            HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.transformers[0]
 
     def _register(self, module, hook: ModelHook, name: str) -> None:
         full_name = f"{self._prefix}.{name}"
@@ -239,6 +279,14 @@ class RegionHooks:
         return self.transformer.config.num_attention_heads
 
     @property
+    def layout(self):
+        return self.layouts[0]
+
+    @property
+    def call(self) -> tuple[int, str, int]:
+        return self.step, self.branch, self.expert
+
+    @property
     def recording(self) -> bool:
         return self.step in self.run.record_steps and self.run.recorder is not None
 
@@ -246,14 +294,31 @@ class RegionHooks:
     def in_region(self) -> bool:
         return self.step in self.run.region_steps
 
+    def source_features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The source's keys and values `[layers, tokens, dim]` of the running call, on the model's device: copied
+        once per step and branch (non-blocking; the bank is page-locked on a GPU), the previous step's dropped."""
+        call = self.call
+        staged = self._staged.get(call)
+        if staged is None:
+            device = self.transformers[self.expert].device
+            keys, values = self.run.source.kv(*call)
+            self.stagings += 1
+            staged = tuple(t.to(device, non_blocking=True) for t in (keys, values))
+            self._staged = {k: v for k, v in self._staged.items() if k[0] == self.step}
+            self._staged[call] = staged
+        return staged
+
     def start(self, run: RunState) -> None:
-        self.run, self.step, self.branch = run, None, None
+        self.run, self.step, self.branch, self.expert = run, None, None, 0
+        self._staged = {}
 
     def finish(self) -> None:
-        self.run, self.step, self.branch = RunState(), None, None
+        self.run, self.step, self.branch, self.expert = RunState(), None, None, 0
+        self._staged = {}
 
     def remove(self) -> None:
         for module, name in self._names:
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=False)
         self._names.clear()
-        HookRegistry.check_if_exists_or_initialize(self.transformer).invalidate_child_registries_cache()
+        for transformer in self.transformers:
+            HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()

@@ -1,7 +1,9 @@
-"""What stage 2 needs to know about the Wan transformer's attention: rotary embedding, region self-attention, FLOPs.
+"""What stage 2 needs to know about the Wan transformer (`WanTransformer3DModel`: Wan 2.1, Wan 2.2's experts and
+TI2V-5B, the built-in model): where its tokens enter and leave, its attention modules, rotary embedding, region
+self-attention and FLOPs.
 
 Kept apart from the hooks so that another family (another attention layout) brings its own version of these few
-functions and reuses everything else.
+functions and reuses everything else (`ltx.py` is the other one).
 """
 
 from __future__ import annotations
@@ -22,6 +24,59 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.
     out[..., 0::2] = x1 * cos - x2 * sin
     out[..., 1::2] = x1 * sin + x2 * cos
     return out.type_as(x)
+
+
+def token_modules(transformer) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    """The modules whose outputs a region step cuts to its tokens (patch embedding, rotary embedding) and the one
+    whose output it scatters back to the full grid (output projection)."""
+    return transformer.patch_embedding, transformer.rope, transformer.proj_out
+
+
+def select_tokens(output: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The patch embedding's `[B, D, F, H, W]` cut to the region's tokens: the model flattens it to tokens next, and
+    a `[B, D, 1, 1, Lr]` view flattens to the selection."""
+    b, d = output.shape[:2]
+    return output.flatten(2).index_select(2, index).reshape(b, d, 1, 1, -1)
+
+
+def select_rotary(output, index: torch.Tensor):
+    return tuple(freqs.index_select(1, index) for freqs in output)
+
+
+def scatter_tokens(output: torch.Tensor, index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The region's predictions back on the full grid (zeros elsewhere: the engine takes the source's step there)."""
+    full = output.new_zeros(output.shape[0], num_tokens, output.shape[2])
+    return full.index_copy(1, index, output)
+
+
+def select_timestep(kwargs: dict, index: torch.Tensor) -> dict:
+    """Per-token timesteps (Wan 2.2 TI2V's `expand_timesteps`, `[B, L]`) cut to the region's tokens."""
+    timestep = kwargs.get("timestep")
+    if timestep is not None and timestep.ndim == 2:
+        kwargs = {**kwargs, "timestep": timestep.index_select(1, index)}
+    return kwargs
+
+
+def cross_attention_bias(args: tuple, kwargs: dict, bias: torch.Tensor) -> tuple[tuple, dict]:
+    """TGAA: the bias `[T]` as the cross-attention's additive mask (the block passes (hidden_states,
+    encoder_hidden_states, attention_mask, rotary_emb) positionally)."""
+    bias = bias.view(1, 1, 1, -1).to(args[0].dtype)
+    if len(args) > 2:
+        return (*args[:2], bias, *args[3:]), kwargs
+    return args, {**kwargs, "attention_mask": bias}
+
+
+def self_attention_inputs(args: tuple, kwargs: dict):
+    """(hidden_states, rotary_emb) of a `WanAttention` call: (hidden_states, encoder_hidden_states, attention_mask,
+    rotary_emb), positionally or by name."""
+    names = ("hidden_states", "encoder_hidden_states", "attention_mask", "rotary_emb")
+    bound = {**dict(zip(names, args, strict=False)), **kwargs}
+    return bound["hidden_states"], bound.get("rotary_emb")
+
+
+def first_of(rotary_emb):
+    """The rotary embedding's frequencies of the batch's first element (recorded keys are per request)."""
+    return tuple(freqs[0] for freqs in rotary_emb)
 
 
 def self_attention_modules(transformer) -> list:

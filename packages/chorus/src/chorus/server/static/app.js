@@ -18,7 +18,8 @@ async function api(path, options = {}) {
 async function loadInfo() {
   const info = await api("/v1/chorus/info");
   $("server-info").textContent =
-    `model ${info.model} · ${info.fps} fps · up to ${info.max_seconds}s · queue ${info.queue.queued}/${info.max_queue}`;
+    `model ${info.model} (${info.family}, ${info.device}, ${info.dtype}) · ${info.fps} fps · ` +
+    `up to ${info.max_seconds}s · queue ${info.queue.queued}/${info.max_queue}`;
   if (!$("size").value) $("size").value = info.default_size;
   if (!$("seconds").value) $("seconds").value = info.default_seconds;
   if (!$("steps").value) $("steps").value = info.default_steps;

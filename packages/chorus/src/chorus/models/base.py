@@ -98,7 +98,10 @@ class FlowVideoDiTAdapter:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
+        # diffusers' `dtype` walks every module (milliseconds per request on the built-in model): read it once
+        if getattr(self, "_dtype_of", None) is not self.transformer:
+            self._dtype_of, self._dtype = self.transformer, self.transformer.dtype
+        return self._dtype
 
     @property
     def transformers(self) -> tuple:

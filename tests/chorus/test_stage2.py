@@ -349,3 +349,25 @@ def test_a_hit_serves_as_a_source_in_turn(make_engine, region):
     second = engine.generate("a blue circle moving left slowly", seed=3, **CFG_ARGS)
     assert second.report.source_id == first.report.request_id and second.report.plan == "crrr"
     assert np.isfinite(second.frames).all()
+
+
+def test_a_step_the_source_did_not_record_reads_its_last_recorded_step(make_engine, region):
+    """An intra-request cache that skipped a step's blocks left no features there: the region step reads the
+    source's last recorded step before it instead of computing in full."""
+    region(left_half())
+    engine = make_engine(ANY)
+    source = engine.generate(SOURCE, seed=1, **ARGS)
+    stored = engine.cache.store._entries[source.report.request_id]
+    for kind in "kv":
+        del stored.tensors[FeatureKey(2, "cond", kind).name]
+    seen = []
+    original = engine.hooks.source_features
+
+    def spy():
+        seen.append((engine.hooks.step, engine.hooks.run.feature_steps.get(engine.hooks.step)))
+        return original()
+
+    engine.hooks.source_features = spy
+    hit = engine.generate(TARGET, seed=2, **ARGS)
+    assert hit.report.plan == "crrr"
+    assert sorted(set(seen)) == [(1, 1), (2, 1), (3, 3)]

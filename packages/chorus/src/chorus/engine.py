@@ -281,7 +281,17 @@ class ChorusEngine:
         device = self.adapter.device
         bank = run.source.features
         have = bank.steps_for(run.branches, run.experts) if self.hooks is not None else set()
-        actions = tuple("compute" if a == "region" and i not in have else a for i, a in enumerate(plan.actions))
+        # A step the source did not record (an intra-request cache skipped its blocks there) uses the keys and
+        # values of the source's last recorded step before it, by the same expert: the intra-request cache
+        # judged the two steps' activations alike.
+        feature_steps = {}
+        for i in plan.region_steps:
+            earlier = [j for j in have if j <= i and run.experts[j] == run.experts[i]]
+            if earlier:
+                feature_steps[i] = max(earlier)
+        actions = tuple(
+            "compute" if a == "region" and i not in feature_steps else a for i, a in enumerate(plan.actions)
+        )
         plan = replace(plan, actions=actions)
         if not plan.region_steps:
             run.miss_reason = self.region_fallback or "the source has no features for its region steps"
@@ -298,6 +308,7 @@ class ChorusEngine:
             bias = torch.zeros(embeds.cond.shape[1], device=device)
             bias[[t for t in diff.changed_tokens if t < bias.numel()]] = math.log(alpha)
         run.state.region_steps = frozenset(plan.region_steps)
+        run.state.feature_steps = feature_steps
         run.state.token_index = plan.token_mask.flatten().nonzero().flatten().to(device)
         run.state.num_tokens = plan.token_mask.numel()
         run.state.source = bank

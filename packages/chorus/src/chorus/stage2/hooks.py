@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -70,6 +70,7 @@ class RunState:
     token_index: torch.Tensor | None = None  # sorted indices of the region's latent tokens
     num_tokens: int = 0  # latent tokens of the full grid
     source: FeatureBank | None = None  # the source's features at the region steps
+    feature_steps: dict[int, int] = field(default_factory=dict)  # region step -> the source's step to read
     text_bias: torch.Tensor | None = None  # [T] added to cross-attention logits at region steps (TGAA)
     recorder: FeatureRecorder | None = None
 
@@ -301,7 +302,8 @@ class RegionHooks:
         staged = self._staged.get(call)
         if staged is None:
             device = self.transformers[self.expert].device
-            keys, values = self.run.source.kv(*call)
+            step, branch, expert = call
+            keys, values = self.run.source.kv(self.run.feature_steps.get(step, step), branch, expert)
             self.stagings += 1
             staged = tuple(t.to(device, non_blocking=True) for t in (keys, values))
             self._staged = {k: v for k, v in self._staged.items() if k[0] == self.step}

@@ -54,6 +54,10 @@ class CacheStore(ABC):
     def _save_meta(self, meta: EntryMeta) -> None: ...
 
     # Public interface.
+    def changes(self) -> tuple[list[EntryMeta], list[str]]:
+        """Entries other processes added and removed since the last call; a store of one process has none."""
+        return [], []
+
     def metas(self) -> list[EntryMeta]:
         with self._lock:
             return list(self._metas().values())

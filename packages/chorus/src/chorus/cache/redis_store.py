@@ -112,7 +112,7 @@ class LocalTier:
         self.nbytes += size
         left = []
         while self.nbytes > self.max_bytes:
-            (old_id, old_name), old = self._tensors.popitem(last=False)
+            (old_id, _), old = self._tensors.popitem(last=False)
             left += self._drop_one(old_id, old)
         return left
 

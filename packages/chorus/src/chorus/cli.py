@@ -114,6 +114,8 @@ def _serve(args) -> int:
     if args.max_queue < 1 or args.fps < 1 or args.threads < 0 or not 0 <= args.port <= 65535:
         print("chorus serve: error: --max-queue, --fps >= 1; --threads >= 0; --port in 0..65535", file=sys.stderr)
         return 2
+    if args.replicas is not None or args.store is not None or args.ray_address is not None:
+        return _serve_cluster(args)
     try:
         serve(
             args.model,
@@ -129,6 +131,54 @@ def _serve(args) -> int:
     except (ModelNotFoundError, DataDirBusyError) as exc:
         print(f"chorus serve: error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _serve_cluster(args) -> int:
+    """`chorus serve --replicas N`: Ray Serve replicas over a shared cache and job queue in Redis."""
+    from .models import ModelNotFoundError
+    from .models.loading import resolve_model_path
+
+    if args.replicas is None or args.replicas < 1:
+        print("chorus serve: error: --store and --ray-address go with --replicas N (N >= 1)", file=sys.stderr)
+        return 2
+    store = args.store or "redis://127.0.0.1:6379/0"
+    if not store.startswith(("redis://", "rediss://", "unix://")):
+        print(f"chorus serve: error: --store {store}: expected redis://HOST:PORT/DB", file=sys.stderr)
+        return 2
+    try:
+        import redis
+
+        from .server import cluster
+    except ImportError as exc:
+        print(f"chorus serve: error: --replicas needs `pip install 'chorus[cluster]'` ({exc.name})", file=sys.stderr)
+        return 2
+    try:
+        client = redis.Redis.from_url(store)
+        client.ping()
+        client.close()
+    except (redis.RedisError, ValueError) as exc:
+        print(f"chorus serve: error: --store {store}: cannot reach Redis: {exc}", file=sys.stderr)
+        return 2
+    try:
+        model_id = "builtin" if str(args.model) == "builtin" else Path(resolve_model_path(args.model)).name
+    except ModelNotFoundError as exc:
+        print(f"chorus serve: error: {exc}", file=sys.stderr)
+        return 2
+    settings = cluster.ClusterSettings(
+        model=str(args.model),
+        redis_url=store,
+        prefix=args.store_prefix,
+        replicas=args.replicas,
+        model_id=model_id,
+        max_queue=args.max_queue,
+        fps=args.fps,
+        cache_bytes=int(args.cache_gb * (1 << 30)),
+        local_cache_bytes=int(args.local_cache_gb * (1 << 30)),
+        embedder="minilm" if args.embedder == "auto" else args.embedder,
+        threads=args.threads,
+    )
+    cluster.run(settings, host=args.host, port=args.port, ray_address=args.ray_address)
     return 0
 
 
@@ -249,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--cache-gb", type=float, default=4.0, help="disk budget of the request cache")
     srv.add_argument("--embedder", default="auto", help="auto, minilm, text-encoder, clip:PATH or st:PATH")
     srv.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    srv.add_argument("--replicas", type=int, default=None, help="serve N model replicas on Ray Serve (needs Redis)")
+    srv.add_argument("--store", default=None, help="with --replicas: the shared Redis, redis://HOST:PORT/DB")
+    srv.add_argument("--store-prefix", default="chorus", help="with --replicas: the prefix of this service's keys")
+    srv.add_argument("--ray-address", default=None, help="with --replicas: join this Ray cluster (default: start one)")
+    srv.add_argument("--local-cache-gb", type=float, default=1.0, help="with --replicas: each replica's memory tier")
     srv.set_defaults(func=_serve)
 
     trc = sub.add_parser("trace", help="write a seeded prompt trace (JSONL) with the structure of real prompt logs")

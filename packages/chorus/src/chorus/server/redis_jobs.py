@@ -178,7 +178,10 @@ class RedisJobStore:
         self.heartbeat(job_id, int(progress))
 
     def complete(self, job_id: str, report: dict) -> bool:
+        """Mark the job completed (only by its lease holder); its generation time feeds `Retry-After`."""
         value = json.dumps(report, default=_json_default)
+        if report.get("total_seconds"):
+            self.record_duration(float(report["total_seconds"]))
         return bool(
             self._finish(args=[self.p, job_id, self.owner or "", "completed", repr(time.time()), "report", value])
         )

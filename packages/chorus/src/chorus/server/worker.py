@@ -23,8 +23,10 @@ class JobCancelled(Exception):
 
 class Worker:
     def __init__(self, engine, store, videos_dir: Path, fps: int, metrics=None):
-        self.engine, self.store, self.videos_dir, self.fps, self.metrics = engine, store, Path(videos_dir), fps, metrics
-        self.videos_dir.mkdir(parents=True, exist_ok=True)
+        self.engine, self.store, self.fps, self.metrics = engine, store, fps, metrics
+        self.videos_dir = Path(videos_dir) if videos_dir is not None else None  # None: results go elsewhere
+        if self.videos_dir is not None:
+            self.videos_dir.mkdir(parents=True, exist_ok=True)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._cancelled: set[str] = set()

@@ -425,7 +425,8 @@ def run(settings: ClusterSettings, *, host: str, port: int, ray_address: str | N
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    done.wait()
+    while not done.wait(0.5):  # a timeout, so that the signal handler runs promptly
+        pass
     log.info("shutting down")
     serve.delete(APP_NAME)
     serve.shutdown()

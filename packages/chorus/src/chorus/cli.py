@@ -230,6 +230,7 @@ def _bench(args) -> int:
         or (args.limit is not None and args.limit < 1)
         or args.threads < 0
         or args.seed_pairs < 0
+        or args.concurrency < 1
     ):
         print("chorus bench: error: --steps and --limit must be >= 1, --threads and --seed-pairs >= 0", file=sys.stderr)
         return 2
@@ -250,6 +251,7 @@ def _bench(args) -> int:
             limit=args.limit,
             settings=settings,
             seed_pairs=args.seed_pairs,
+            concurrency=args.concurrency,
         )
     except (ValueError, ModelNotFoundError, OSError) as exc:
         print(f"chorus bench: error: {exc}", file=sys.stderr)
@@ -346,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="after the trace, this many of its prompts under two new seeds: how often the videos differ visibly",
     )
     bch.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    bch.add_argument(
+        "--concurrency", type=int, default=1, help="with --server: this many requests in flight (several replicas)"
+    )
     bch.set_defaults(func=_bench)
     return parser
 

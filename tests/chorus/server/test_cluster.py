@@ -105,7 +105,7 @@ def cluster(tiny_wan_dir, redis_server):
         threads=1,
         cpus_per_replica=1.0,
         lease_s=LEASE_S,
-        imbalanced_threshold=2,
+        imbalanced_threshold=0,
     )
     deploy(settings)
     c = Cluster(f"http://{HOST}:{port}", settings, redis_server.client())

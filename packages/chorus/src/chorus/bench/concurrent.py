@@ -33,6 +33,7 @@ def replay(trace, policy_names, runner, steps: int, concurrency: int, policy_fac
             with ThreadPoolExecutor(concurrency) as pool:
                 served = list(pool.map(one, range(len(trace))))
             wall = time.perf_counter() - start
+        steps = steps or served[0][0]["num_steps"]  # the server's default when the bench did not set it
         records = [_record(i, trace[i], r, s, f, None) for i, (r, f, s) in enumerate(served)]
         for record in records:
             record.psnr = None  # no `none` run to compare with

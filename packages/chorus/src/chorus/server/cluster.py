@@ -50,7 +50,9 @@ class ClusterSettings:
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
     lease_s: float = 10.0  # a replica silent this long has lost its job
-    imbalanced_threshold: int = 2  # queue-length difference past which the router ignores where the source is
+    # How many more requests than the least loaded replica a holder of the source may have and still be preferred:
+    # 0, since fetching a source from Redis takes milliseconds and waiting behind a job takes a whole job.
+    imbalanced_threshold: int = 0
     max_ongoing_requests: int = 4  # jobs routed to one replica at once (one runs, the rest wait there)
 
 

@@ -17,7 +17,7 @@ from ray.serve._private.request_router.request_router import LocalityMixin, Mult
 
 
 class SimilarityAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
-    def initialize_state(self, imbalanced_threshold: int = 2):
+    def initialize_state(self, imbalanced_threshold: int = 0):
         self.imbalanced_threshold = imbalanced_threshold
 
     @staticmethod

@@ -89,7 +89,6 @@ def cluster(tiny_wan_dir, redis_server):
 
     from chorus.server.cluster import ClusterSettings
 
-    os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": HOST, "port": port})

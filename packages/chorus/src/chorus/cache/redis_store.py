@@ -291,29 +291,19 @@ class RedisStore(CacheStore):
         return CacheEntry.from_tensors(tensors, self._headers[entry_id], meta)
 
     def get(self, entry_id: str, names: Collection[str] | None = None) -> CacheEntry | None:
-        """As `CacheStore.get`; an entry another process deleted meanwhile, or a Redis that cannot be reached, is a
-        miss (and only a damaged entry is deleted)."""
+        entry = super().get(entry_id, names)
+        if entry is not None and entry.meta.alias_of:  # read through its origin
+            self.reads[entry_id] = self.reads[entry.meta.alias_of]
+        return entry
+
+    def _read_failed(self, origin: EntryMeta, exc: Exception) -> None:
+        """An entry another process deleted during the read, or a Redis out of reach: a miss, and nothing to drop."""
         from redis.exceptions import RedisError
 
-        with self._lock:
-            meta = self._metas().get(entry_id)
-            origin = self._meta.get(meta.alias_of) if meta is not None and meta.alias_of else meta
-            if origin is None:
-                return None
-            try:
-                entry = self._read(origin, names)
-            except KeyError as exc:
-                log.info("cache entry %s left during the read: %s", origin.entry_id, exc)
-                return None
-            except RedisError as exc:
-                log.warning("cache entry %s could not be read from Redis: %s", origin.entry_id, exc)
-                return None
-            except Exception as exc:  # a damaged blob must not take the request down: it is a miss
-                log.warning("dropping unreadable cache entry %s: %s", origin.entry_id, exc)
-                self._remove(origin.entry_id)
-                return None
-            self.reads[entry_id] = self.reads[origin.entry_id]
-            return entry if origin is meta else CacheEntry(meta, entry.signature, entry.tensors)
+        if isinstance(exc, KeyError | RedisError):
+            log.info("cache entry %s not read: %s", origin.entry_id, exc)
+        else:
+            super()._read_failed(origin, exc)
 
     def _tier_put(self, entry_id: str, name: str, tensor: torch.Tensor) -> None:
         fresh = entry_id not in self.tier.entries()
@@ -345,17 +335,6 @@ class RedisStore(CacheStore):
     @property
     def nbytes(self) -> int:
         return int(self.redis.get(self.p + "bytes") or 0)
-
-    def put(self, entry: CacheEntry) -> list[str]:
-        meta = entry.meta
-        meta.nbytes = 0 if meta.alias_of else entry.nbytes
-        if meta.nbytes > self.budget_bytes:
-            log.warning("cache entry of %d bytes exceeds the budget of %d: not stored", meta.nbytes, self.budget_bytes)
-            return [meta.entry_id]
-        with self._lock:
-            if not self._write(entry):
-                return [meta.entry_id]
-            return self._evict(keep=meta.entry_id)
 
     def _remove(self, entry_id: str) -> list[str]:
         return self._delete_ids(entry_id)
@@ -396,7 +375,10 @@ class RedisStore(CacheStore):
             self._unlock(keys=[self.p + "lock"], args=[token])
 
     def holders(self, entry_id: str) -> set[str]:
-        return {h.decode() for h in self.redis.smembers(self.p + "holders:" + entry_id)}
+        """The processes whose local tier holds some of this entry's tensors (an alias's: its origin's)."""
+        meta = self._meta.get(entry_id)
+        origin = meta.alias_of if meta is not None and meta.alias_of else entry_id
+        return {h.decode() for h in self.redis.smembers(self.p + "holders:" + origin)}
 
     def close(self) -> None:
         if self.name is not None:  # this process's tier goes with it

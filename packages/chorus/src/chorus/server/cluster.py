@@ -366,11 +366,7 @@ class ChorusIngress:
             found = self.cache.nearest(key, self.embedder.embed([req.prompt])[0], k=1)
             if found and found[0].similarity >= self.min_similarity:
                 source = found[0].entry_id
-        if source is None:
-            return []
-        meta = self.cache.store._meta.get(source)
-        origin = meta.alias_of if meta is not None and meta.alias_of else source
-        return sorted(self.cache.store.holders(origin))
+        return sorted(self.cache.store.holders(source)) if source is not None else []
 
 
 # ---- building and running the application -------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -146,6 +147,8 @@ def _serve_cluster(args) -> int:
     if not store.startswith(("redis://", "rediss://", "unix://")):
         print(f"chorus serve: error: --store {store}: expected redis://HOST:PORT/DB", file=sys.stderr)
         return 2
+    # Read when Ray is imported: Ray's C++ failure handler would turn SIGTERM into an abort, leaving Ray behind.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     try:
         import redis
 

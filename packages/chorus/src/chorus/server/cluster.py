@@ -160,6 +160,7 @@ class ChorusModel:
             lambda: len(store.tier.entries())
         )
         self.worker = ReplicaWorker(self.engine, self.jobs, settings.fps, self.metrics, self.name)
+        self.jobs.on_lost = self.worker.cancel  # a progress update that finds the job gone or moved stops it
         self.limits = ModelLimits.from_adapter(adapter)
         self.identity = adapter.identity()
         self.max_sequence_length = adapter.defaults.max_sequence_length
@@ -174,7 +175,9 @@ class ChorusModel:
         if self._run_lock is None:
             self._run_lock = asyncio.Lock()
         async with self._run_lock:
-            return await asyncio.to_thread(self.worker.run_job, job_id)
+            outcome = await asyncio.to_thread(self.worker.run_job, job_id)
+        await asyncio.to_thread(self._beat)  # its counters out at once: a replica may not live to the next beat
+        return outcome
 
     async def describe(self) -> dict:
         return {
@@ -225,7 +228,7 @@ class ClusterFront:
 
     @property
     def alive(self) -> bool:
-        return self.ingress.dispatching and bool(self.ingress.replicas(within_s=3 * self.ingress.settings.lease_s))
+        return self.ingress.dispatching and bool(self.ingress.replicas(within_s=self.ingress.settings.lease_s))
 
     def typical_job_seconds(self) -> float:
         return self.ingress.jobs.typical_job_seconds()
@@ -285,7 +288,7 @@ class ChorusIngress:
         @app.get("/v1/chorus/replicas")
         def replicas():
             """The replicas that reported in the last lease period: id, process id, last seen."""
-            return {"object": "list", "data": self.replicas(within_s=3 * self.settings.lease_s)}
+            return {"object": "list", "data": self.replicas(within_s=self.settings.lease_s)}
 
         return app
 
@@ -416,13 +419,14 @@ def run(settings: ClusterSettings, *, host: str, port: int, ray_address: str | N
     import ray
 
     ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING)
+    # After Ray's own (a plain exit); the CLI has turned Ray's C++ one off (it would turn SIGTERM into an abort).
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
     settings = resources(settings)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_application(settings), name=APP_NAME, route_prefix="/", blocking=False)
     log.info("listening", extra={"url": f"http://{host}:{port}", "replicas": settings.replicas})
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
     while not done.wait(0.5):  # a timeout, so that the signal handler runs promptly
         pass
     log.info("shutting down")

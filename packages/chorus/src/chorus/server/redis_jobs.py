@@ -117,6 +117,7 @@ class RedisJobStore:
         self.redis = connect(client) if isinstance(client, str) else client
         self.p = f"{prefix}:jobs:"
         self.max_queue, self.owner, self.lease_s = max_queue, owner, lease_s
+        self.on_lost = None  # called with a job's id when its owner finds it deleted or moved
         self._add, self._claim, self._beat = (self.redis.register_script(s) for s in (_ADD, _CLAIM, _BEAT))
         self._finish, self._requeue = self.redis.register_script(_FINISH), self.redis.register_script(_REQUEUE)
         self._delete = self.redis.register_script(_DELETE)
@@ -175,7 +176,8 @@ class RedisJobStore:
         return bool(self._beat(args=args))
 
     def set_progress(self, job_id: str, progress: int) -> None:
-        self.heartbeat(job_id, int(progress))
+        if not self.heartbeat(job_id, int(progress)) and self.on_lost is not None:
+            self.on_lost(job_id)
 
     def complete(self, job_id: str, report: dict) -> bool:
         """Mark the job completed (only by its lease holder); its generation time feeds `Retry-After`."""

@@ -375,8 +375,14 @@ class ChorusIngress:
 # ---- building and running the application -------------------------------------------------------------------
 
 
-def build_application(settings: ClusterSettings):
+def build_application(settings: ClusterSettings | dict):
+    """The Serve application; also an application builder for a Serve config file (KubeRay's `RayService`), whose
+    `args` are `ClusterSettings`' fields (e.g. `{"model": "/models/wan", "redis_url": ..., "replicas": 8,
+    "gpus_per_replica": 1}`)."""
     from ray.serve.config import RequestRouterConfig
+
+    if isinstance(settings, dict):
+        settings = ClusterSettings(**settings)
 
     actor = {"num_cpus": settings.cpus_per_replica}
     if settings.gpus_per_replica:

@@ -149,6 +149,9 @@ def _serve_cluster(args) -> int:
         return 2
     # Read when Ray is imported: Ray's C++ failure handler would turn SIGTERM into an abort, leaving Ray behind.
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    # Ray Serve gives its HTTP proxy 3 x 5 s to start; on a busy machine it takes longer, and Serve then gives up.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
+    os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "30")
     try:
         import redis
 

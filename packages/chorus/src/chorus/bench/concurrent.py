@@ -17,7 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from .replay import _record, summarize_policy
 
 
+POLL_S = 0.1
+
+
 def replay(trace, policy_names, runner, steps: int, concurrency: int, policy_factory) -> dict[str, dict]:
+    # N clients polling every 20 ms would take a share of a small machine's cores from the replicas they measure.
+    runner.poll_s = max(runner.poll_s, POLL_S)
     results = {}
     for name in dict.fromkeys(policy_names):
         policy = policy_factory(name)

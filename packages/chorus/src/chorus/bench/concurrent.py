@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .replay import _record, summarize_policy
 
-
 POLL_S = 0.1
 
 

@@ -13,7 +13,7 @@ $(STAMP): $(PACKAGES) constraints.txt requirements-dev.txt
 	# torch first and alone: `torch==2.13.0` resolves to the CPU build on these machines;
 	# any unpinned torch would pull several GB of CUDA packages.
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e 'packages/xmsda[transformers]' -e packages/chorus -r requirements-dev.txt
+	$(BIN)/pip install -q -c constraints.txt -e 'packages/xmsda[transformers]' -e 'packages/chorus[cluster]' -r requirements-dev.txt
 	touch $(STAMP)
 
 install:

@@ -108,10 +108,16 @@ def test_disk_store_round_trip_and_request_cache_rebuilds_index(tmp_path):
         _ = partial.trajectory
 
 
-@pytest.mark.parametrize("kind", ["memory", "disk"])
-def test_aliases_read_their_origin_take_no_budget_and_leave_with_it(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["memory", "disk", "redis"])
+def test_aliases_read_their_origin_take_no_budget_and_leave_with_it(tmp_path, kind, request):
     size = entry_bytes()
-    store = MemoryStore(budget_bytes=2 * size) if kind == "memory" else DiskStore(tmp_path, budget_bytes=2 * size)
+    if kind == "redis":
+        from chorus.cache.redis_store import RedisStore
+
+        url, prefix = request.getfixturevalue("redis_server").url, request.getfixturevalue("redis_prefix")
+        store = RedisStore(url, budget_bytes=2 * size, prefix=prefix)
+    else:
+        store = MemoryStore(budget_bytes=2 * size) if kind == "memory" else DiskStore(tmp_path, budget_bytes=2 * size)
     cache = RequestCache(store, embedding_dim=8)
     origin = make_entry("origin", prompt="a red circle")
     cache.insert(origin)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -148,6 +149,8 @@ def _serve(args) -> int:
     if args.max_queue < 1 or args.fps < 1 or not 0 <= args.port <= 65535:
         print("chorus serve: error: --max-queue, --fps >= 1; --port in 0..65535", file=sys.stderr)
         return 2
+    if args.replicas is not None or args.store is not None or args.ray_address is not None:
+        return _serve_cluster(args)
     try:
         device = _placement(args)
         serve(
@@ -165,6 +168,73 @@ def _serve(args) -> int:
     except (ValueError, DataDirBusyError) as exc:  # ModelNotFoundError, DeviceError
         print(f"chorus serve: error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _serve_cluster(args) -> int:
+    """`chorus serve --replicas N`: Ray Serve replicas over a shared cache and job queue in Redis."""
+    from .models import ModelNotFoundError
+    from .models.loading import resolve_model_path
+
+    if args.replicas is None or args.replicas < 1:
+        print("chorus serve: error: --store and --ray-address go with --replicas N (N >= 1)", file=sys.stderr)
+        return 2
+    from .models.device import DeviceError, parse_dtype
+
+    try:
+        if args.threads is not None and args.threads < 0:
+            raise DeviceError(f"--threads {args.threads}: must be >= 0 (0: torch's default)")
+        if args.dtype is not None:
+            parse_dtype(args.dtype)
+        if args.device is not None and args.device.split(":")[0] not in ("cpu", "cuda"):
+            raise DeviceError(f"--device {args.device}: expected cpu or cuda (Ray gives each replica its GPU)")
+    except DeviceError as exc:
+        print(f"chorus serve: error: {exc}", file=sys.stderr)
+        return 2
+    store = args.store or "redis://127.0.0.1:6379/0"
+    if not store.startswith(("redis://", "rediss://", "unix://")):
+        print(f"chorus serve: error: --store {store}: expected redis://HOST:PORT/DB", file=sys.stderr)
+        return 2
+    # Read when Ray is imported: Ray's C++ failure handler would turn SIGTERM into an abort, leaving Ray behind.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    # Ray Serve gives its HTTP proxy 3 x 5 s to start; on a busy machine it takes longer, and Serve then gives up.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
+    os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "30")
+    try:
+        import redis
+
+        from .server import cluster
+    except ImportError as exc:
+        print(f"chorus serve: error: --replicas needs `pip install 'chorus[cluster]'` ({exc.name})", file=sys.stderr)
+        return 2
+    try:
+        client = redis.Redis.from_url(store)
+        client.ping()
+        client.close()
+    except (redis.RedisError, ValueError) as exc:
+        print(f"chorus serve: error: --store {store}: cannot reach Redis: {exc}", file=sys.stderr)
+        return 2
+    try:
+        model_id = "builtin" if str(args.model) == "builtin" else Path(resolve_model_path(args.model)).name
+    except ModelNotFoundError as exc:
+        print(f"chorus serve: error: {exc}", file=sys.stderr)
+        return 2
+    settings = cluster.ClusterSettings(
+        model=str(args.model),
+        redis_url=store,
+        prefix=args.store_prefix,
+        replicas=args.replicas,
+        model_id=model_id,
+        max_queue=args.max_queue,
+        fps=args.fps,
+        cache_bytes=int(args.cache_gb * (1 << 30)),
+        local_cache_bytes=int(args.local_cache_gb * (1 << 30)),
+        embedder="minilm" if args.embedder == "auto" else args.embedder,
+        threads=args.threads or 0,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    cluster.run(settings, host=args.host, port=args.port, ray_address=args.ray_address)
     return 0
 
 
@@ -212,8 +282,10 @@ def _bench(args) -> int:
         )
         return 2
     bad_counts = (args.steps is not None and args.steps < 1) or (args.limit is not None and args.limit < 1)
-    if bad_counts or args.seed_pairs < 0:
-        print("chorus bench: error: --steps and --limit must be >= 1, --seed-pairs >= 0", file=sys.stderr)
+    if bad_counts or args.seed_pairs < 0 or args.concurrency < 1:
+        print(
+            "chorus bench: error: --steps, --limit and --concurrency must be >= 1, --seed-pairs >= 0", file=sys.stderr
+        )
         return 2
     from .bench.replay import BenchSettings
 
@@ -235,6 +307,7 @@ def _bench(args) -> int:
             limit=args.limit,
             settings=settings,
             seed_pairs=args.seed_pairs,
+            concurrency=args.concurrency,
         )
     except (ValueError, ModelNotFoundError, OSError) as exc:
         print(f"chorus bench: error: {exc}", file=sys.stderr)
@@ -285,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--cache-gb", type=float, default=4.0, help="disk budget of the request cache")
     srv.add_argument("--embedder", default="auto", help="auto, minilm, text-encoder, clip:PATH or st:PATH")
     _add_placement(srv)
+    srv.add_argument("--replicas", type=int, default=None, help="serve N model replicas on Ray Serve (needs Redis)")
+    srv.add_argument("--store", default=None, help="with --replicas: the shared Redis, redis://HOST:PORT/DB")
+    srv.add_argument("--store-prefix", default="chorus", help="with --replicas: the prefix of this service's keys")
+    srv.add_argument("--ray-address", default=None, help="with --replicas: join this Ray cluster (default: start one)")
+    srv.add_argument("--local-cache-gb", type=float, default=1.0, help="with --replicas: each replica's memory tier")
     srv.set_defaults(func=_serve)
 
     trc = sub.add_parser("trace", help="write a seeded prompt trace (JSONL) with the structure of real prompt logs")
@@ -327,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="after the trace, this many of its prompts under two new seeds: how often the videos differ visibly",
     )
     _add_placement(bch)
+    bch.add_argument(
+        "--concurrency", type=int, default=1, help="with --server: this many requests in flight (several replicas)"
+    )
     bch.set_defaults(func=_bench)
     return parser
 

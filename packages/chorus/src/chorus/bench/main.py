@@ -37,6 +37,7 @@ def run_benchmark(
     policy_factory=make_policy,
     log=sys.stderr,
     seed_pairs: int = 0,
+    concurrency: int = 1,
 ) -> dict:
     """Replay the trace under each policy; returns the report (also written to `report_path`, plotted to
     `plots_dir`). `adapter` skips loading (tests pass the tiny pipeline's); `embedder` replaces the engine's default
@@ -71,16 +72,23 @@ def run_benchmark(
                 flush=True,
             )
 
-    results = replay.run(
-        trace,
-        policies,
-        runner,
-        num_steps,
-        policy_factory=policy_factory,
-        on_policy=progress,
-        progress=settings.progress,
-        seed_pairs=seed_pairs,
-    )
+    if server is not None and concurrency > 1:  # several replicas behind the server: keep them all busy
+        from . import concurrent
+
+        results = concurrent.replay(trace, policies, runner, num_steps, concurrency, policy_factory)
+        for name, summary in results.items():
+            progress(name, summary)
+    else:
+        results = replay.run(
+            trace,
+            policies,
+            runner,
+            num_steps,
+            policy_factory=policy_factory,
+            on_policy=progress,
+            progress=settings.progress,
+            seed_pairs=seed_pairs,
+        )
     run_settings = {
         "trace": str(trace_path),
         "trace_sha256": report.file_digest(trace_path),
@@ -96,6 +104,7 @@ def run_benchmark(
         "cache_dtype": str(settings.cache_dtype),
         "warmup_requests": settings.warmup,
         "closed_loop": True,
+        "concurrency": concurrency,
         "arrivals": all(r.arrival_s is not None for r in trace),
     }
     if server is None:

@@ -46,16 +46,19 @@ class RequestCache:
 
     def nearest(self, signature_key: str, embedding: np.ndarray, k: int = 1, exclude_prompt: str | None = None):
         """Up to k matches with this signature, best first, leaving out entries of the prompt `exclude_prompt`."""
+        self.sync()
         skip = set(self._by_prompt.get((signature_key, exclude_prompt), {}).values()) if exclude_prompt else set()
         found = self.index.search(signature_key, embedding, k=k + len(skip))
         return [Match(entry_id, sim) for entry_id, sim in found if entry_id not in skip][:k]
 
     def exact(self, signature_key: str, prompt: str, seed: int) -> str | None:
         """The id of an entry made by the same prompt, signature and seed, if any."""
+        self.sync()
         return self._by_prompt.get((signature_key, prompt), {}).get(seed)
 
     def seeds(self, signature_key: str, prompt: str) -> set[int]:
         """The seeds this very prompt is cached under."""
+        self.sync()
         return set(self._by_prompt.get((signature_key, prompt), {}))
 
     def load(self, entry_id: str, names=None) -> CacheEntry | None:
@@ -76,6 +79,14 @@ class RequestCache:
 
     def record_hit(self, entry_id: str, saved_steps: int) -> None:
         self.store.record_hit(entry_id, saved_steps)
+
+    def sync(self) -> None:
+        """Take in what other processes sharing the store added or removed (a shared store: `RedisStore`)."""
+        added, removed = self.store.changes()
+        for meta in added:
+            self._remember(meta)
+        if removed:
+            self._forget(removed)
 
     def _remember(self, meta: EntryMeta) -> None:
         self.index.add(meta.signature_key, meta.entry_id, meta.embedding)

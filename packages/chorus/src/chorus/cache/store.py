@@ -54,6 +54,10 @@ class CacheStore(ABC):
     def _save_meta(self, meta: EntryMeta) -> None: ...
 
     # Public interface.
+    def changes(self) -> tuple[list[EntryMeta], list[str]]:
+        """Entries other processes added and removed since the last call; a store of one process has none."""
+        return [], []
+
     def metas(self) -> list[EntryMeta]:
         with self._lock:
             return list(self._metas().values())
@@ -81,7 +85,8 @@ class CacheStore(ABC):
         with self._lock:
             if meta.alias_of and meta.alias_of not in self._metas():
                 return [meta.entry_id]  # its origin left meanwhile
-            self._write(entry)
+            if self._write(entry) is False:  # a shared store's origin check, made where the write is atomic
+                return [meta.entry_id]
             return self._evict(keep=meta.entry_id)
 
     def get(self, entry_id: str, names: Collection[str] | None = None) -> CacheEntry | None:
@@ -95,10 +100,13 @@ class CacheStore(ABC):
             try:
                 entry = self._read(origin, names)
             except Exception as exc:  # a damaged file must not take the request down: it is a miss
-                log.warning("dropping unreadable cache entry %s: %s", origin.entry_id, exc)
-                self._remove(origin.entry_id)
+                self._read_failed(origin, exc)
                 return None
             return entry if origin is meta else CacheEntry(meta, entry.signature, entry.tensors)
+
+    def _read_failed(self, origin: EntryMeta, exc: Exception) -> None:
+        log.warning("dropping unreadable cache entry %s: %s", origin.entry_id, exc)
+        self._remove(origin.entry_id)
 
     def aliases(self, entry_id: str) -> list[str]:
         with self._lock:

@@ -67,18 +67,48 @@ def create_app(
     worker = Worker(engine, store, data_dir / "videos", fps, metrics)
     worker.sweep()
     limits = ServerLimits.from_engine(engine, model_id, fps)
+    app = build_app(
+        store,
+        worker,
+        metrics,
+        limits,
+        max_body_bytes=max_body_bytes,
+        on_start=worker.start,
+        on_stop=worker.stop,
+        describe={"data_dir": str(data_dir)},
+    )
+    app.state.lock = lock  # held for the app's life: one server per data dir
+    return app
+
+
+def build_app(
+    store,
+    worker,
+    metrics: Metrics,
+    limits: ServerLimits,
+    *,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    on_start=None,
+    on_stop=None,
+    describe: dict | None = None,
+) -> FastAPI:
+    """The routes over a job store (`JobStore` or the cluster's `RedisJobStore`) and what runs its jobs: the
+    one-process `Worker`, or the cluster's dispatcher. Both offer `wake`, `cancel`, `alive`, `typical_job_seconds`,
+    `content` (a path or the bytes of a result) and `remove_content`."""
+    model_id = limits.model_id
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        worker.start()
-        log.info("server ready", extra={"model": model_id, "data_dir": str(data_dir), "queue": store.counts()})
+        if on_start is not None:
+            on_start()
+        log.info("server ready", extra={"model": model_id, **(describe or {}), "queue": store.counts()})
         yield
-        worker.stop()
+        if on_stop is not None:
+            on_stop()
         log.info("server stopped")
 
     app = FastAPI(title="Chorus", version="0.1.0", lifespan=lifespan)
     app.state.store, app.state.worker, app.state.metrics, app.state.limits = store, worker, metrics, limits
-    app.state.lock = lock  # held for the app's life: one server per data dir
     app.add_middleware(_ObserveMiddleware, metrics=metrics)
 
     # ---- errors, all in the OpenAI shape ----------------------------------------------------------------
@@ -165,15 +195,16 @@ def create_app(
             raise ApiError(
                 409, f"video {video_id} is {job.status}, not completed", param="video_id", code="video_not_ready"
             )
-        path = worker.video_path(job.id) if variant == "video" else worker.thumbnail_path(job.id)
-        if not path.is_file():
+        content = worker.content(job.id, variant)
+        if content is None:
             raise ApiError(
                 410, f"the {variant} of video {video_id} is gone", code="content_missing", type="server_error"
             )
-        media = "video/mp4" if variant == "video" else "image/png"
-        return FileResponse(
-            path, media_type=media, filename=f"{job.id}{path.suffix}", content_disposition_type="inline"
-        )
+        media, suffix = ("video/mp4", ".mp4") if variant == "video" else ("image/png", ".png")
+        if isinstance(content, bytes):
+            disposition = {"Content-Disposition": f'inline; filename="{job.id}{suffix}"'}
+            return Response(content, media_type=media, headers=disposition)
+        return FileResponse(content, media_type=media, filename=f"{job.id}{suffix}", content_disposition_type="inline")
 
     @app.get("/v1/videos")
     def list_videos(after: str | None = None, limit: int = 20, order: str = "desc"):
@@ -203,9 +234,8 @@ def create_app(
         if job.status == "in_progress":
             worker.cancel(job.id)
         elif job.status == "queued":
-            metrics.finished.labels("cancelled").inc()
-        worker.video_path(job.id).unlink(missing_ok=True)
-        worker.thumbnail_path(job.id).unlink(missing_ok=True)
+            metrics.cancelled_in_queue()
+        worker.remove_content(job.id)
         log.info("job deleted", extra={"job_id": job.id, "was": job.status})
         return {"id": job.id, "object": "video.deleted", "deleted": True}
 

@@ -53,6 +53,7 @@ class Job:
     params: dict  # everything the engine is called with
     error: dict | None
     report: dict | None
+    replica: str | None = None  # the replica that ran it last (`chorus serve --replicas`)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:

@@ -1,6 +1,8 @@
 """Prometheus metrics of one server: HTTP traffic, the queue, jobs, and what the cache saved.
 
-Each app gets its own registry, so several servers (or tests) in one process never share counters.
+Each app gets its own registry, so several servers (or tests) in one process never share counters. In a cluster the
+ingress keeps the `front` part (HTTP, the queue, the shared cache) and each replica the `jobs` part, which it
+publishes to Redis; the ingress serves both, the replicas' with a `replica` label (`ReplicaMetrics`).
 """
 
 from __future__ import annotations
@@ -12,8 +14,18 @@ JOB_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300
 
 
 class Metrics:
-    def __init__(self, store, cache=None):
-        r = self.registry = CollectorRegistry()
+    def __init__(self, store, cache=None, *, parts: tuple[str, ...] = ("front", "jobs")):
+        self.registry = CollectorRegistry()
+        self.parts = parts
+        self.finished = None
+        self._cancelled_in_queue = 0
+        if "front" in parts:
+            self._front(store, cache)
+        if "jobs" in parts:
+            self._jobs()
+
+    def _front(self, store, cache) -> None:
+        r = self.registry
         self.requests = Counter(
             "chorus_http_requests",
             "HTTP requests by method, route and status",
@@ -29,6 +41,18 @@ class Metrics:
         )
         self.accepted = Counter("chorus_jobs_accepted", "Video jobs accepted into the queue", registry=r)
         self.refused = Counter("chorus_jobs_refused", "Video jobs refused because the queue was full", registry=r)
+        depth = Gauge("chorus_queue_depth", "Jobs waiting in the queue", registry=r)
+        depth.set_function(lambda: store.counts()["queued"])
+        running = Gauge("chorus_jobs_in_progress", "Jobs being generated", registry=r)
+        running.set_function(lambda: store.counts()["in_progress"])
+        if cache is not None:
+            entries = Gauge("chorus_cache_entries", "Entries in the request cache", registry=r)
+            entries.set_function(lambda: len(cache))
+            size = Gauge("chorus_cache_bytes", "Bytes held by the request cache", registry=r)
+            size.set_function(lambda: cache.store.nbytes)
+
+    def _jobs(self) -> None:
+        r = self.registry
         self.finished = Counter("chorus_jobs_finished", "Video jobs finished, by outcome", ["status"], registry=r)
         self.job_seconds = Histogram(
             "chorus_job_duration_seconds",
@@ -54,15 +78,12 @@ class Metrics:
         self.steps_computed = Counter("chorus_steps_computed", "Denoising steps computed", registry=r)
         self.seconds_saved = Counter("chorus_seconds_saved", "Estimated generation seconds saved by reuse", registry=r)
 
-        depth = Gauge("chorus_queue_depth", "Jobs waiting in the queue", registry=r)
-        depth.set_function(lambda: store.counts()["queued"])
-        running = Gauge("chorus_jobs_in_progress", "Jobs being generated", registry=r)
-        running.set_function(lambda: store.counts()["in_progress"])
-        if cache is not None:
-            entries = Gauge("chorus_cache_entries", "Entries in the request cache", registry=r)
-            entries.set_function(lambda: len(cache))
-            size = Gauge("chorus_cache_bytes", "Bytes held by the request cache", registry=r)
-            size.set_function(lambda: cache.store.nbytes)
+    def cancelled_in_queue(self) -> None:
+        """A job deleted before it started; counted with the finished jobs where this registry has them."""
+        if self.finished is not None:
+            self.finished.labels("cancelled").inc()
+        else:
+            self._cancelled_in_queue += 1
 
     def observe_report(self, report: dict) -> None:
         outcome = report["outcome"]
@@ -77,3 +98,31 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ReplicaMetrics:
+    """A collector for the ingress: every replica's published `jobs` metrics, each sample labelled with its replica,
+    and the jobs the ingress itself cancelled before any replica took them (`replica="ingress"`)."""
+
+    def __init__(self, read_exports, front: Metrics):
+        self.read_exports, self.front = read_exports, front  # read_exports() -> {replica: Prometheus text}
+
+    def collect(self):
+        from prometheus_client.metrics_core import Metric
+        from prometheus_client.parser import text_string_to_metric_families
+
+        families: dict[str, Metric] = {}
+        for replica, text in sorted(self.read_exports().items()):
+            for fam in text_string_to_metric_families(text):
+                out = families.setdefault(fam.name, Metric(fam.name, fam.documentation, fam.type))
+                for sample in fam.samples:
+                    out.add_sample(sample.name, {**sample.labels, "replica": replica}, sample.value)
+        finished = families.setdefault(
+            "chorus_jobs_finished", Metric("chorus_jobs_finished", "Video jobs finished, by outcome", "counter")
+        )
+        finished.add_sample(
+            "chorus_jobs_finished_total",
+            {"status": "cancelled", "replica": "ingress"},
+            self.front._cancelled_in_queue,
+        )
+        yield from families.values()

@@ -188,6 +188,9 @@ def video_object(job, poll_after_ms: int | None = None) -> dict:
             "negative_prompt": params["negative_prompt"],
             "cache_policy": params["cache_policy"],
             "attempts": job.attempts,
+            # `chorus serve --replicas`: the replica that ran the job, and where its source's tensors were
+            "replica": job.replica,
+            "source_tier": (job.report or {}).get("source_tier"),
             "started_at": job.started_at,
             "finished_at": job.completed_at,
             "report": job.report,

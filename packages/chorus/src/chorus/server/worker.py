@@ -23,8 +23,10 @@ class JobCancelled(Exception):
 
 class Worker:
     def __init__(self, engine, store, videos_dir: Path, fps: int, metrics=None):
-        self.engine, self.store, self.videos_dir, self.fps, self.metrics = engine, store, Path(videos_dir), fps, metrics
-        self.videos_dir.mkdir(parents=True, exist_ok=True)
+        self.engine, self.store, self.fps, self.metrics = engine, store, fps, metrics
+        self.videos_dir = Path(videos_dir) if videos_dir is not None else None  # None: results go elsewhere
+        if self.videos_dir is not None:
+            self.videos_dir.mkdir(parents=True, exist_ok=True)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._cancelled: set[str] = set()
@@ -60,6 +62,14 @@ class Worker:
         recent = self._durations[-20:]
         return sum(recent) / len(recent) if recent else 1.0
 
+    def content(self, job_id: str, variant: str) -> Path | None:
+        """The file of a finished job's `video` or `thumbnail`, or None if it is gone."""
+        path = self.video_path(job_id) if variant == "video" else self.thumbnail_path(job_id)
+        return path if path.is_file() else None
+
+    def remove_content(self, job_id: str) -> None:
+        self._remove_files(job_id)
+
     def video_path(self, job_id: str) -> Path:
         return self.videos_dir / f"{job_id}.mp4"
 
@@ -85,18 +95,21 @@ class Worker:
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
-            self._current = job.id
+            self._run_one(job)
+
+    def _run_one(self, job) -> None:
+        self._current = job.id
+        try:
+            self._execute(job)
+        except Exception as exc:  # never let one job kill the worker, nor stay in progress for ever
+            log.exception("worker error", extra={"job_id": job.id})
             try:
-                self._execute(job)
-            except Exception as exc:  # never let one job kill the worker, nor stay in progress for ever
-                log.exception("worker error", extra={"job_id": job.id})
-                try:
-                    self.store.fail(job.id, "internal_error", f"{type(exc).__name__}: {exc}")
-                except Exception:
-                    log.exception("could not mark the job failed", extra={"job_id": job.id})
-            finally:
-                self._current = None
-                self._cancelled.discard(job.id)
+                self.store.fail(job.id, "internal_error", f"{type(exc).__name__}: {exc}")
+            except Exception:
+                log.exception("could not mark the job failed", extra={"job_id": job.id})
+        finally:
+            self._current = None
+            self._cancelled.discard(job.id)
 
     def _execute(self, job) -> None:
         started = time.perf_counter()
@@ -139,7 +152,7 @@ class Worker:
             if self.metrics is not None:
                 self.metrics.finished.labels("failed").inc()
             return
-        report = result.report.to_dict()
+        report = self._report(result)
         if not self.store.complete(job.id, report):  # deleted while running
             self._remove_files(job.id)
             log.info("job deleted while running; result discarded", extra=extra)
@@ -162,13 +175,21 @@ class Worker:
             self.metrics.job_seconds.observe(seconds)
             self.metrics.observe_report(report)
 
-    def _write_results(self, job_id: str, frames) -> None:
+    def _report(self, result) -> dict:
+        return result.report.to_dict()
+
+    def _encode(self, frames) -> tuple[bytes, bytes]:
+        """The MP4 and the thumbnail (a PNG of the middle frame)."""
         from PIL import Image
 
         thumb = io.BytesIO()
         Image.fromarray(to_uint8(frames[len(frames) // 2])).save(thumb, format="PNG")
-        atomic_write(self.thumbnail_path(job_id), thumb.getvalue())
-        atomic_write(self.video_path(job_id), encode_mp4(frames, self.fps))
+        return encode_mp4(frames, self.fps), thumb.getvalue()
+
+    def _write_results(self, job_id: str, frames) -> None:
+        mp4, png = self._encode(frames)
+        atomic_write(self.thumbnail_path(job_id), png)
+        atomic_write(self.video_path(job_id), mp4)
 
     def _remove_files(self, job_id: str) -> None:
         self.video_path(job_id).unlink(missing_ok=True)

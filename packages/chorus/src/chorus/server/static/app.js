@@ -58,7 +58,8 @@ function reuseText(video) {
   const report = video.chorus?.report;
   if (!report) return ["", ""];
   const saved = report.seconds_saved_estimate ? `, about ${report.seconds_saved_estimate.toFixed(2)} s saved` : "";
-  const source = `“${report.source_prompt}” (${report.source_id})`;
+  const where = { local: ", read from this replica's memory", shared: ", fetched from the shared store" };
+  const source = `“${report.source_prompt}” (${report.source_id}${where[report.source_tier] || ""})`;
   switch (report.outcome) {
     case "exact":
       return ["exact", `Exact repeat of ${source}: all ${report.num_steps} steps reused, nothing denoised`];
@@ -119,7 +120,8 @@ function render(video) {
   status.className = `status ${video.status}`;
   const c = video.chorus || {};
   li.querySelector(".info").textContent =
-    `${video.size} · ${video.seconds}s (${c.num_frames} frames) · ${c.steps} steps · seed ${c.seed} · cache ${c.cache_policy}`;
+    `${video.size} · ${video.seconds}s (${c.num_frames} frames) · ${c.steps} steps · seed ${c.seed} · cache ${c.cache_policy}` +
+    (c.replica ? ` · replica ${c.replica}` : "");
   const progress = li.querySelector("progress");
   progress.value = video.progress;
   progress.hidden = video.status === "completed" || video.status === "failed";

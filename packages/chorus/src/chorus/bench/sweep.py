@@ -3,7 +3,8 @@
     python -m chorus.bench.sweep --steps 4 --grid planner [--variant NAME ...] [--limit N] [--report sweep.json]
 
 Each variant is `chorus` with some `PlannerConfig` fields replaced (see GRIDS); the table printed at the end is the
-same markdown as `chorus bench`. The defaults chosen from it, and why, are in docs/chorus/benchmark.md.
+same markdown as `chorus bench`. The defaults chosen from it are in docs/chorus/benchmark.md, the runs behind
+them in docs/notes/chorus.md.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ GRIDS: dict[str, dict[str, Policy]] = {
     "retrieval": {
         "candidates-1": _variant(candidates=1),
         "candidates-2": _variant(candidates=2),
-        "candidates-8": _variant(candidates=8),
+        "candidates-4": _variant(candidates=4),
         "min-similarity-0": _variant(min_similarity=0.0),
         "min-similarity-0.7": _variant(min_similarity=0.7),
     },

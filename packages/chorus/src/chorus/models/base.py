@@ -4,7 +4,8 @@ The engine owns the denoising loop; an adapter supplies its parts (prompt encodi
 transformer prediction, the scheduler and its step, the clean latent a prediction implies, decoding). Latents are
 always `[B, C, F, H, W]` in the engine; a family whose transformer wants another layout (packed tokens, frames before
 channels) converts inside its adapter. This class is the Wan layout (Wan 2.1 and 2.2 pipelines, the built-in
-pixel-space model) with a flow-matching scheduler; the other families (`hunyuan`, `ltx`, `cogvideox`) subclass it.
+pixel-space model) with a flow-matching scheduler; the other families (`hunyuan`, `ltx`, `cogvideox`) subclass
+its `PipelineAdapter`.
 """
 
 from __future__ import annotations
@@ -304,3 +305,30 @@ class FlowVideoDiTAdapter:
 def _nbytes(value) -> int:
     tensors = value if isinstance(value, tuple) else (value,)
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class PipelineAdapter(FlowVideoDiTAdapter):
+    """An adapter built from a loaded diffusers pipeline of a non-Wan family: its transformer, scheduler, text stack
+    and VAE (a `LatentGrid` at the VAE's compression ratios). Subclasses convert layouts and conditioning."""
+
+    def __init__(self, pipe, *, name: str, device, defaults: ModelDefaults, spatial: int, temporal: int, **kwargs):
+        from .codecs import LatentGrid
+
+        grid = LatentGrid(pipe.vae, spatial, temporal, pipe.vae.config.latent_channels)
+        super().__init__(
+            name=name,
+            transformer=pipe.transformer,
+            scheduler=pipe.scheduler,
+            tokenizer=pipe.tokenizer,
+            text_encoder=pipe.text_encoder,
+            codec=grid,
+            defaults=defaults,
+            device=device,
+            **kwargs,
+        )
+        self.pipe = pipe
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        cfg = self.transformer.config
+        return (getattr(cfg, "patch_size_t", None) or 1, cfg.patch_size, cfg.patch_size)

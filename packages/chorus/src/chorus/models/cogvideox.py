@@ -16,8 +16,8 @@ import math
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .base import FlowVideoDiTAdapter, ModelDefaults, PromptEmbeds
-from .codecs import LatentGrid, frames_from_video
+from .base import ModelDefaults, PipelineAdapter, PromptEmbeds
+from .codecs import frames_from_video
 from .loading import ModelNotFoundError
 
 # The pipeline's defaults: 480x720, 49 frames, 50 steps, guidance 6.0, 226 T5 tokens.
@@ -25,7 +25,7 @@ DEFAULTS = ModelDefaults(480, 720, 49, 50, 6.0, "", 226)
 SCHEDULERS = ("CogVideoXDDIMScheduler", "DDIMScheduler")
 
 
-class CogVideoXAdapter(FlowVideoDiTAdapter):
+class CogVideoXAdapter(PipelineAdapter):
     family = "cogvideox"
 
     def __init__(self, pipe, *, name: str, device, defaults: ModelDefaults = DEFAULTS):
@@ -37,27 +37,15 @@ class CogVideoXAdapter(FlowVideoDiTAdapter):
             )
         if pipe.transformer.config.patch_size_t is not None:
             raise ModelNotFoundError(f"{name}: CogVideoX 1.5 (temporal patches) is not supported")
-        vae = pipe.vae
-        grid = LatentGrid(
-            vae, pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal, vae.config.latent_channels
-        )
         super().__init__(
+            pipe,
             name=name,
-            transformer=pipe.transformer,
-            scheduler=pipe.scheduler,
-            tokenizer=pipe.tokenizer,
-            text_encoder=pipe.text_encoder,
-            codec=grid,
-            defaults=defaults,
             device=device,
+            defaults=defaults,
+            spatial=pipe.vae_scale_factor_spatial,
+            temporal=pipe.vae_scale_factor_temporal,
             prediction_type="flow",  # what the transformer outputs is the scheduler's business (v or epsilon)
         )
-        self.pipe = pipe
-
-    @property
-    def patch_size(self) -> tuple[int, int, int]:
-        p = self.transformer.config.patch_size
-        return (1, p, p)
 
     @property
     def text_tokens(self) -> int:

@@ -12,37 +12,25 @@ import numpy as np
 import torch
 from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
-from .base import FlowVideoDiTAdapter, ModelDefaults, PromptEmbeds
-from .codecs import LatentGrid, frames_from_video
+from .base import ModelDefaults, PipelineAdapter, PromptEmbeds
+from .codecs import frames_from_video
 
 # The card's 720p setting; 256 Llama tokens after the template, as the pipeline's default.
 DEFAULTS = ModelDefaults(720, 1280, 129, 50, 6.0, "", 256)
 
 
-class HunyuanVideoAdapter(FlowVideoDiTAdapter):
+class HunyuanVideoAdapter(PipelineAdapter):
     family = "hunyuanvideo"
 
     def __init__(self, pipe, *, name: str, device, defaults: ModelDefaults = DEFAULTS):
-        vae = pipe.vae
-        grid = LatentGrid(
-            vae, pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal, vae.config.latent_channels
-        )
         super().__init__(
+            pipe,
             name=name,
-            transformer=pipe.transformer,
-            scheduler=pipe.scheduler,
-            tokenizer=pipe.tokenizer,
-            text_encoder=pipe.text_encoder,
-            codec=grid,
-            defaults=defaults,
             device=device,
+            defaults=defaults,
+            spatial=pipe.vae_scale_factor_spatial,
+            temporal=pipe.vae_scale_factor_temporal,
         )
-        self.pipe = pipe
-
-    @property
-    def patch_size(self) -> tuple[int, int, int]:
-        cfg = self.transformer.config
-        return (cfg.patch_size_t, cfg.patch_size, cfg.patch_size)
 
     def scheduler_for(self, num_steps: int, latent_shape):
         scheduler = self.new_scheduler()

@@ -12,40 +12,26 @@ import numpy as np
 import torch
 from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
 
-from .base import FlowVideoDiTAdapter, ModelDefaults, PromptEmbeds
-from .codecs import LatentGrid, frames_from_video
+from .base import ModelDefaults, PipelineAdapter, PromptEmbeds
+from .codecs import frames_from_video
 
 # The pipeline's defaults: 704x480, 161 frames at 25 fps, 50 steps, guidance 3.0, 128 T5 tokens.
 DEFAULTS = ModelDefaults(480, 704, 161, 50, 3.0, "", 128)
 FRAME_RATE = 25  # the pipeline's default; it scales the rotary embedding's time axis
 
 
-class LTXVideoAdapter(FlowVideoDiTAdapter):
+class LTXVideoAdapter(PipelineAdapter):
     family = "ltx-video"
 
     def __init__(self, pipe, *, name: str, device, defaults: ModelDefaults = DEFAULTS):
-        grid = LatentGrid(
-            pipe.vae,
-            pipe.vae_spatial_compression_ratio,
-            pipe.vae_temporal_compression_ratio,
-            pipe.vae.config.latent_channels,
-        )
         super().__init__(
+            pipe,
             name=name,
-            transformer=pipe.transformer,
-            scheduler=pipe.scheduler,
-            tokenizer=pipe.tokenizer,
-            text_encoder=pipe.text_encoder,
-            codec=grid,
-            defaults=defaults,
             device=device,
+            defaults=defaults,
+            spatial=pipe.vae_spatial_compression_ratio,
+            temporal=pipe.vae_temporal_compression_ratio,
         )
-        self.pipe = pipe
-
-    @property
-    def patch_size(self) -> tuple[int, int, int]:
-        cfg = self.transformer.config
-        return (cfg.patch_size_t, cfg.patch_size, cfg.patch_size)
 
     def latent_shape(self, height, width, num_frames):
         s = self.codec.scale_spatial

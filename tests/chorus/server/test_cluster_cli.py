@@ -23,3 +23,13 @@ def test_a_store_that_is_not_redis_or_cannot_be_reached_is_refused(capsys):
 def test_an_unknown_model_is_refused_before_ray_starts(capsys, redis_server, tmp_path):
     assert main(["serve", "--replicas", "2", "--store", redis_server.url, "--model", str(tmp_path / "none")]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_placement_flags_are_checked_before_redis_or_ray(capsys):
+    for flags, named in (
+        (["--dtype", "float8"], "--dtype"),
+        (["--device", "tpu"], "--device"),
+        (["--threads", "-1"], "--threads"),
+    ):
+        assert main(["serve", "--replicas", "2", "--store", "redis://127.0.0.1:1/0", *flags]) == 2
+        assert named in capsys.readouterr().err

@@ -351,6 +351,27 @@ def test_a_hit_serves_as_a_source_in_turn(make_engine, region):
     assert np.isfinite(second.frames).all()
 
 
+def test_a_hit_stores_the_first_step_its_video_follows(make_engine, region, tiny_adapter):
+    """Outside its region a hit's video is its source's, so the probe a later request compares with is the source's
+    there and the hit's own inside: otherwise each hit in a chain could drift a threshold further from what it
+    shows."""
+    mask = left_half()
+    region(mask)
+    engine = make_engine(ANY)
+    source = engine.generate(SOURCE, seed=1, **ARGS)
+    hit = engine.generate(TARGET, seed=2, **ARGS)
+    assert hit.report.plan == "crrr"
+    alone = make_engine()  # an empty cache: the same request computed in full, from the same first step
+    own = alone.generate(TARGET, seed=2, **ARGS)
+    stored, origin = (engine.cache.load(r.report.request_id, {PROBE}).probe for r in (hit, source))
+    computed = alone.cache.load(own.report.request_id, {PROBE}).probe
+    pt, ph, pw = tiny_adapter.patch_size
+    inside = mask.repeat_interleave(pt, 0).repeat_interleave(ph, 1).repeat_interleave(pw, 2)
+    assert torch.equal(stored[:, inside], computed[:, inside])
+    assert torch.equal(stored[:, ~inside], origin[:, ~inside])
+    assert not torch.equal(stored[:, ~inside], computed[:, ~inside])
+
+
 def test_a_step_the_source_did_not_record_reads_its_last_recorded_step(make_engine, region):
     """An intra-request cache that skipped a step's blocks left no features there: the region step reads the
     source's last recorded step before it instead of computing in full."""

@@ -250,7 +250,7 @@ class ChorusEngine:
     def _decide(self, run: _Run, req: Request, x0: torch.Tensor, embeds, report: GenerationReport) -> None:
         """After the first step: compare its predicted clean latent with each candidate's, and plan around the
         closest; load what the plan needs and set the hooks up for its region steps."""
-        differences, similarities, unsettled = {}, {}, {}
+        differences, similarities, unsettled, probes = {}, {}, {}, {}
         for match in run.candidates:
             if match.similarity < self.planner.config.min_similarity:
                 continue
@@ -261,6 +261,7 @@ class ChorusEngine:
             if owner in differences:
                 continue
             differences[owner] = token_difference(x0, entry.probe, self.adapter.patch_size)
+            probes[owner] = entry.probe
             similarities[owner] = match.similarity
             if entry.unsettled is not None:
                 unsettled[owner] = entry.unsettled.float()
@@ -273,6 +274,7 @@ class ChorusEngine:
                 plan = Plan(plan.num_steps, similarity=plan.similarity)
             elif plan.region_steps:
                 plan = self._arm_region(run, plan, req, embeds)
+                run.source_probe = probes[plan.source_id]
         run.plan = plan
 
     def _arm_region(self, run: _Run, plan: Plan, req: Request, embeds) -> Plan:
@@ -486,8 +488,14 @@ class ChorusEngine:
             recorder = run.state.recorder
             probe, unsettled = None, None
             if run.probe is not None:
-                probe = run.probe.to(self.cache_dtype).cpu()
-                unsettled = token_difference(final_latent[0], run.probe, self.adapter.patch_size).half().cpu()
+                probe = run.probe
+                if run.source_probe is not None and plan.region_steps:
+                    # Outside its region a hit's video is its source's, so what a later request must compare with
+                    # there is the source's prediction, not this request's own: else differences add up along a
+                    # chain of hits, each within the threshold of the one before.
+                    probe = torch.where(run.latent_mask[0].to(probe.device), probe, run.source_probe.to(probe))
+                unsettled = token_difference(final_latent[0], probe, self.adapter.patch_size).half().cpu()
+                probe = probe.to(self.cache_dtype).cpu()
             entry = CacheEntry.build(
                 meta,
                 signature,
@@ -515,6 +523,7 @@ class _Run:
     experts: list[int] = field(default_factory=list)  # which of the model's transformers runs each step
     trajectory: list[torch.Tensor] = field(default_factory=list)  # boundary latents in the cache dtype
     probe: torch.Tensor | None = None  # the clean latent predicted at the first step
+    source_probe: torch.Tensor | None = None  # the source's, where the plan has region steps
     latent_mask: torch.Tensor | None = None
     changed_words: dict | None = None
     miss_reason: str | None = None

@@ -151,6 +151,34 @@ def test_queue_latencies_and_psnr():
     assert replay.psnr(a, a) == 100.0 and replay.psnr(a, a + 0.1) == pytest.approx(20.0, abs=1e-3)
 
 
+def test_the_alignment_delta_comes_with_its_paired_confidence_interval():
+    assert replay.paired_ci95([70.0, 80.0], [70.0, 80.0]) == 0.0  # the same videos: no doubt at all
+    # one request +10, one -10: a mean of 0, sd 14.14, standard error 10
+    assert replay.paired_ci95([80.0, 70.0, None], [70.0, 80.0, 50.0]) == pytest.approx(19.6)
+    assert replay.paired_ci95([80.0], [70.0]) is None  # one pair says nothing of the spread
+    out = {
+        "settings": {},
+        "machine": {},
+        "policies": {
+            name: {
+                "requests": 2,
+                "wall_s": 1.0,
+                "throughput_rps": 2.0,
+                "speedup_vs_none": 1.0,
+                "latency_p50_s": 0.5,
+                "latency_p99_s": 0.5,
+                "hit_rate": 0.0,
+                "transformer_calls": 8,
+                "alignment": a,
+                "fidelity_psnr": None,
+                "alignment_ci95": ci,
+            }
+            for name, a, ci in (("none", 70.0, None), ("chorus", 71.0, 2.5))
+        },
+    }
+    assert "| +1.0 ± 2.5 |" in markdown(out, with_context=False)
+
+
 def test_policy_order_and_choice_of_the_best_intra_cache():
     assert replay.order_policies(["chorus+best", "chorus", "fbc"]) == ["none", "chorus", "fbc", "chorus+best"]
     results = {

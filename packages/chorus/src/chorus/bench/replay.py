@@ -337,6 +337,20 @@ def computed_overhead(records: list[RequestRecord], none: list[RequestRecord]) -
     return sum(p for p, _ in pairs) / sum(n for _, n in pairs) - 1.0
 
 
+def paired_ci95(values: list[float | None], reference: list[float | None]) -> float | None:
+    """Half-width of the 95 % confidence interval of the mean of `values - reference`, paired request by request
+    (normal approximation): how far a policy's alignment delta against `none` could be from 0 by chance, since a
+    hit's video is a draw of its own."""
+    d = [v - r for v, r in zip(values, reference, strict=True) if v is not None and r is not None]
+    if len(d) < 2:
+        return None
+    return 1.96 * float(np.std(d, ddof=1)) / math.sqrt(len(d))
+
+
+def _alignments(records: list[RequestRecord]) -> list[float | None]:
+    return [r.alignment for r in records]
+
+
 def _same_topic(records: list[RequestRecord]) -> float | None:
     """Of the hits other than exact repeats, the share whose source is a request of the same topic (a retrieval
     precision the engine cannot see: only the trace knows the topics)."""
@@ -479,6 +493,7 @@ def run(
         summary["speedup_vs_none"] = none_wall / summary["wall_s"] if summary["wall_s"] else None
         summary["pass"] = 1
         summary["computed_overhead"] = computed_overhead(records[name], records["none"])
+        summary["alignment_ci95"] = paired_ci95(_alignments(records[name]), _alignments(records["none"]))
     if "chorus+best" in names:
         best = choose_best_intra(results)
         if best is None:
@@ -494,6 +509,7 @@ def run(
             intra_chosen=best,
             speedup_vs_none=none_again / summary["wall_s"] if summary["wall_s"] else None,
             none_wall_s_same_pass=none_again,
+            alignment_ci95=paired_ci95(_alignments(second["chorus+best"]), _alignments(second["none"])),
             loadavg_before_after=[round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         )
         summary["pass"] = 2

@@ -115,11 +115,13 @@ def markdown(report: dict, *, with_context: bool = True) -> str:
     for name, p in policies.items():
         delta = None if base is None or p["alignment"] is None else p["alignment"] - base
         label = name + (f" ({p['intra_chosen']})" if p.get("intra_chosen") else "")
+        ci = p.get("alignment_ci95") if name != "none" else None
+        delta_text = _fmt(delta, "+.1f") + (f" ± {ci:.1f}" if ci is not None and delta is not None else "")
         lines.append(
             f"| {label} | {p['requests']} | {p['wall_s']:.1f} | {_fmt(p['throughput_rps'], '.3f')} "
             f"| {_fmt(p['speedup_vs_none'], '.2f')}x | {_fmt(p['latency_p50_s'], '.3f')} "
             f"| {_fmt(p['latency_p99_s'], '.3f')} | {p['hit_rate']:.0%} | {p['transformer_calls']} "
-            f"| {p.get('steps_saved_fraction', 0):.0%} | {_fmt(p['alignment'], '.1f')} | {_fmt(delta, '+.1f')} "
+            f"| {p.get('steps_saved_fraction', 0):.0%} | {_fmt(p['alignment'], '.1f')} | {delta_text} "
             f"| {_fmt(p['fidelity_psnr'], '.1f')} | {_fmt(p.get('seed_pairs_visibly_different'), '.0%')} |"
         )
     if not with_context:
@@ -132,9 +134,11 @@ def markdown(report: dict, *, with_context: bool = True) -> str:
     )
     notes = (
         "Speedup is throughput over `none` in the same run. Alignment: the world analyzer's score in points (0-100); "
-        "Δ against `none`. PSNR: against the same request under `none` (identical = 100). Saved steps: reused "
-        "steps plus the region steps' work not done, as a share of all steps. Seeds differ: of same-prompt pairs "
-        "under two new seeds after the trace, the share whose videos differ visibly."
+        "Δ against `none`, ± the 95 % confidence half-width of that difference paired by request (a hit's video is a "
+        "draw of its own: a few requests can move a mean by a point). PSNR: against the same request under `none` "
+        "(identical = 100). Saved steps: reused steps plus the region steps' work not done, as a share of all steps. "
+        "Seeds differ: of same-prompt pairs under two new seeds after the trace, the share whose videos differ "
+        "visibly."
     )
     parts = [intro, "\n".join(lines), notes, "Per request kind (alignment / hit rate):", by_kind(report)]
     parts += ["Per edited attribute (alignment):", by_attribute(report)]

@@ -179,15 +179,14 @@ def _serve_cluster(args) -> int:
     if args.replicas is None or args.replicas < 1:
         print("chorus serve: error: --store and --ray-address go with --replicas N (N >= 1)", file=sys.stderr)
         return 2
-    from .models.device import DeviceError, parse_dtype
+    from .models.device import DeviceError, check_threads, parse_device, parse_dtype
 
-    try:
-        if args.threads is not None and args.threads < 0:
-            raise DeviceError(f"--threads {args.threads}: must be >= 0 (0: torch's default)")
+    try:  # the replicas resolve them on their own machines; here only their form is checked
+        check_threads(args.threads)
         if args.dtype is not None:
             parse_dtype(args.dtype)
-        if args.device is not None and args.device.split(":")[0] not in ("cpu", "cuda"):
-            raise DeviceError(f"--device {args.device}: expected cpu or cuda (Ray gives each replica its GPU)")
+        if args.device is not None:
+            parse_device(args.device)
     except DeviceError as exc:
         print(f"chorus serve: error: {exc}", file=sys.stderr)
         return 2

@@ -23,14 +23,9 @@ def resolve_device(spec: str | torch.device | None = None) -> torch.device:
     """`spec` as a torch device, checked against this machine; None or "auto" picks cuda when available."""
     if spec is None or str(spec) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except (RuntimeError, TypeError):
-        raise DeviceError(f"--device {spec}: expected cpu, cuda or cuda:N") from None
+    device = parse_device(spec)
     if device.type == "cpu":
         return torch.device("cpu")
-    if device.type != "cuda":
-        raise DeviceError(f"--device {spec}: expected cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         raise DeviceError(f"--device {spec}: CUDA is not available here (torch {torch.__version__}, {build})")
@@ -38,6 +33,22 @@ def resolve_device(spec: str | torch.device | None = None) -> torch.device:
     if device.index is not None and device.index >= count:
         raise DeviceError(f"--device {spec}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
     return device
+
+
+def parse_device(spec: str | torch.device) -> torch.device:
+    """`spec` as a cpu or cuda device, without asking whether this machine has it (a Ray replica may)."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"--device {spec}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"--device {spec}: expected cpu, cuda or cuda:N")
+    return device
+
+
+def check_threads(threads: int | None) -> None:
+    if threads is not None and threads < 0:
+        raise DeviceError(f"--threads {threads}: must be >= 0 (0: torch's default)")
 
 
 def parse_dtype(spec: str | torch.dtype) -> torch.dtype:
@@ -73,8 +84,7 @@ def default_threads(model: str, device: torch.device) -> int:
 
 def set_threads(threads: int | None, model: str, device: torch.device) -> int:
     """Apply `--threads` (None: the model's default; 0: torch's default); returns the count in effect."""
-    if threads is not None and threads < 0:
-        raise DeviceError(f"--threads {threads}: must be >= 0 (0: torch's default)")
+    check_threads(threads)
     chosen = default_threads(model, device) if threads is None else threads
     if chosen > 0:
         torch.set_num_threads(chosen)

@@ -218,8 +218,7 @@ class ChorusEngine:
         self._describe(report, run, latents.shape)
         report.transformer_calls = self._calls - calls_before
         if run.source is not None and run.plan.is_hit:
-            owner = run.source.meta.alias_of or run.source.meta.entry_id
-            self.cache.record_hit(owner, run.plan.steps_reused + len(run.plan.region_steps))
+            self.cache.record_hit(run.source.meta.origin, run.plan.steps_reused + len(run.plan.region_steps))
         if writing:
             report.stored = self._commit(report, signature, req, run, latents)
         report.total_seconds = time.perf_counter() - t_start
@@ -257,7 +256,7 @@ class ChorusEngine:
             entry = self.cache.load(match.entry_id, {PROBE, UNSETTLED})
             if entry is None or entry.probe is None:
                 continue
-            owner = entry.meta.alias_of or entry.meta.entry_id  # aliases share their origin's tensors
+            owner = entry.meta.origin  # aliases share their origin's tensors
             if owner in differences:
                 continue
             differences[owner] = token_difference(x0, entry.probe, self.adapter.patch_size)
@@ -465,7 +464,7 @@ class ChorusEngine:
         report.k1 = report.steps_reused = report.num_steps
         report.steps_saved = float(report.num_steps)
         report.plan = "-" * report.num_steps
-        self.cache.record_hit(entry.meta.alias_of or entry.meta.entry_id, report.num_steps)
+        self.cache.record_hit(entry.meta.origin, report.num_steps)
         report.total_seconds = time.perf_counter() - t_start
         log.info("generation done", extra={"report": report.to_dict()})
         return GenerationResult(frames, report)
@@ -482,7 +481,7 @@ class ChorusEngine:
         plan = run.plan
         if plan.difference == "none" and plan.actions[-1] == "reuse":
             # Every step after the first was the source's: the result is the source's final latent.
-            meta.alias_of = run.source.meta.alias_of or run.source.meta.entry_id
+            meta.alias_of = run.source.meta.origin
             entry = CacheEntry(meta, signature)
         else:
             recorder = run.state.recorder

@@ -65,6 +65,11 @@ class EntryMeta:
     # its own: its row names that entry, and goes when it goes.
     alias_of: str | None = None
 
+    @property
+    def origin(self) -> str:
+        """The entry whose tensors these are: its own, or the one it is an alias of."""
+        return self.alias_of or self.entry_id
+
 
 # Tensor names in an entry; the features are named by `chorus.stage2.FeatureKey`.
 TRAJECTORY = "trajectory"  # [N + 1, C, F, H, W]: the latent at every step boundary, in the cache dtype

@@ -68,11 +68,6 @@ class Plan:
     def region_steps(self) -> list[int]:
         return [i for i, a in enumerate(self.actions) if a == "region"]
 
-    @property
-    def source_steps(self) -> list[int]:
-        """Steps that read the source's trajectory (reused or region steps)."""
-        return [i for i, a in enumerate(self.actions) if a != "compute"]
-
     def stage_of(self, step: int) -> str:
         return {"reuse": "stage1", "region": "stage2", "compute": "stage3"}[self.actions[step]]
 

@@ -129,11 +129,11 @@ class ChorusModel:
         from ..request import ModelLimits
         from .redis_jobs import RedisJobStore
 
+        device = (settings.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
         threads = settings.threads or max(1, int(settings.cpus_per_replica))
-        _configure_process(threads if not torch.cuda.is_available() else 0)
+        _configure_process(threads if device == "cpu" else 0)  # a replica on the CPU keeps to its share of cores
         self.settings = settings
         self.name = serve.get_replica_context().replica_id.unique_id
-        device = (settings.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
         adapter = load_adapter(settings.model, device=device, dtype=settings.dtype)
         self.redis = connect(settings.redis_url)
         store = RedisStore(
